@@ -1,0 +1,35 @@
+# wirefault: `make demo` runs the walk-through, `make test` runs the tests.
+# Both create .venv and install what they need (PostgreSQL from Debian when missing).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: test demo bench lint postgres venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+postgres:
+	@bash scripts/ensure-postgres.sh
+
+test: venv postgres
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+demo: venv postgres
+	$(PY) scripts/demo.py
+
+bench: venv postgres
+	$(PY) tests/benchmarks/run.py
+
+lint: venv
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

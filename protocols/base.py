@@ -1,0 +1,169 @@
+"""The contract every protocol module fulfils: frames, message specs, framers, sessions.
+
+A protocol module offers a `ProtocolSpec`: a catalogue of `MessageSpec`s (the public names
+users filter on, with their fields) and a factory for a `Session`, which holds one `Framer`
+per direction of a connection. Framing (finding boundaries and the type) is cheap and eager;
+decoding fields is paid only when `Frame.fields` is first read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+FRONTEND = "frontend"
+"""Direction of messages sent by the client (the side that opened the connection)."""
+BACKEND = "backend"
+"""Direction of messages sent by the server."""
+
+PROTOCOL_ERROR = "ProtocolError"
+"""Type of the frame a framer yields when its input breaks the protocol."""
+OPAQUE = "Opaque"
+"""Type of frames passed through without framing (encrypted streams, after a protocol error)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MessageSpec:
+    """One message type of a protocol's catalogue.
+
+    `decode` takes the whole frame's bytes and returns its fields by name; `encode` takes the
+    fields as keyword arguments and returns the whole frame's bytes, byte-exact with what
+    `decode` accepts. `fields` lists every field name `decode` returns, in wire order.
+    """
+
+    name: str
+    directions: frozenset[str]
+    fields: tuple[str, ...]
+    decode: Callable[[bytes], dict[str, Any]]
+    encode: Callable[..., bytes]
+    doc: str = ""
+
+
+class Frame:
+    """One protocol frame, as found by a framer.
+
+    `data` is the whole frame's bytes (reassembled when TCP split it). `span` is the part of
+    the read that completed this frame: `(start, end)` offsets into the bytes given to the
+    `feed` call that returned it (`start` is 0 for a frame begun in an earlier read).
+    `alias` is a second name the frame answers to (a Wallaroo two-phase-commit message is
+    also a `Message`). `error` explains a `ProtocolError` frame.
+    """
+
+    __slots__ = ("_fields", "alias", "data", "encrypted", "error", "from_client", "span",
+                 "spec", "type")
+
+    def __init__(
+        self,
+        type: str,
+        data: bytes,
+        span: tuple[int, int],
+        from_client: bool,
+        spec: MessageSpec | None = None,
+        alias: str | None = None,
+        error: str | None = None,
+        encrypted: bool = False,
+    ) -> None:
+        self.type = type
+        self.data = data
+        self.span = span
+        self.from_client = from_client
+        self.spec = spec
+        self.alias = alias
+        self.error = error
+        self.encrypted = encrypted
+        self._fields: dict[str, Any] | None = None
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """The decoded fields (decoded on first access, then cached).
+
+        A body the spec cannot decode gives `{}` and sets `error`: decoding never raises.
+        """
+        if self._fields is None:
+            if self.spec is None:
+                self._fields = {"error": self.error} if self.error else {}
+            else:
+                try:
+                    self._fields = self.spec.decode(self.data)
+                except Exception as exc:  # any decoder failure is reported, never raised
+                    self.error = f"cannot decode {self.type}: {exc}"
+                    self._fields = {}
+        return self._fields
+
+    def field_text(self, name: str) -> str | None:
+        """The text form of one field, as regex filters see it; None when absent."""
+        fields = self.fields
+        if name not in fields:
+            return None
+        return text_of(fields[name])
+
+    def render(self) -> str:
+        """A one-line readable form, e.g. `Query(query=SELECT 1)`."""
+        if self.type == PROTOCOL_ERROR:
+            return f"{PROTOCOL_ERROR}(error={self.error})"
+        if self.spec is None:
+            return f"{self.type}(length={len(self.data)})"
+        inner = ", ".join(f"{k}={text_of(v)}" for k, v in self.fields.items())
+        return f"{self.type}({inner})"
+
+    def __repr__(self) -> str:
+        direction = "C>S" if self.from_client else "S>C"
+        return f"<Frame {direction} {self.type} {len(self.data)}B span={self.span}>"
+
+
+def text_of(value: Any) -> str:
+    """The text form of a decoded field value, used by regex filters and the recorder."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    if value is None:
+        return "NULL"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {text_of(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(text_of(v) for v in value) + "]"
+    return str(value)
+
+
+class Framer(Protocol):
+    """Frames one direction of a connection, incrementally.
+
+    `feed` returns the frames completed by this read, in order; never raises; keeps a partial
+    frame until the rest arrives, and never buffers more than one frame's declared length.
+    """
+
+    def feed(self, data: bytes) -> list[Frame]: ...
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for a partial frame."""
+        ...
+
+
+class Session(Protocol):
+    """Both directions of one connection. Directions may share state (PostgreSQL's SSL
+    negotiation crosses them)."""
+
+    client: Framer
+    """Frames bytes sent by the client."""
+    server: Framer
+    """Frames bytes sent by the server."""
+
+
+@dataclass(frozen=True)
+class ProtocolSpec:
+    """A protocol as the rest of wirefault sees it."""
+
+    name: str
+    messages: Mapping[str, MessageSpec]
+    new_session: Callable[..., Session]
+    """`new_session(max_frame=None)` returns a fresh `Session` (None: the default limit)."""
+    default_max_frame: int
+    description: str = ""
+    extra_types: tuple[str, ...] = field(default=())
+    """Frame types the framer can yield beyond the catalogue (e.g. `ProtocolError`)."""
+
+    def message(self, name: str) -> MessageSpec:
+        return self.messages[name]
