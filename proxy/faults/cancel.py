@@ -1,0 +1,31 @@
+"""cancel(pid): SIGINT the process, then hold the frame briefly so the signal lands first."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import ClassVar
+
+from wirefault.protocols import Frame
+
+from .base import ConnectionState, Decision, SharedState, Verdict
+
+logger = logging.getLogger(__name__)
+
+HOLD_SECONDS = 0.1
+
+
+class Cancel:
+    name: ClassVar[str] = "cancel"
+
+    def __init__(self, pid: int, hold_seconds: float = HOLD_SECONDS) -> None:
+        self.pid = pid
+        self.hold = Decision(Verdict.HOLD, hold_seconds)
+
+    def decide(self, frame: Frame, conn: ConnectionState, shared: SharedState) -> Decision:
+        try:
+            os.kill(self.pid, signal.SIGINT)
+        except OSError as exc:  # the frame still goes through, as it would without the proxy
+            logger.warning("cancel(%d): cannot signal the process: %s", self.pid, exc)
+        return self.hold

@@ -1,0 +1,212 @@
+"""wirefault's relay: a sans-I/O mitmproxy layer that frames, decides and forwards.
+
+Events in, commands out. Each read is framed with the connection's protocol; each frame is
+recorded and judged by the rule in force; frames that pass are forwarded (the whole read at
+once when nothing was held back), and a fault acts at the exact frame that triggered it.
+A hold (cancel, connect_delay) pauses this connection alone with a `RequestWakeup`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+from mitmproxy import tcp
+from mitmproxy.connection import Connection, ConnectionState
+from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers.tcp import (
+    TcpEndHook,
+    TcpMessageHook,
+    TcpMessageInjected,
+    TcpStartHook,
+)
+
+from wirefault.protocols import Frame
+
+from .faults import ConnectionState as RuleState
+from .faults import Verdict
+from .recorder import RecorderSlot
+from .runtime import ProxyRuntime
+
+
+class _Closed:
+    """A half-close that arrived while frames were held; replayed in order."""
+
+    __slots__ = ("connection",)
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+
+class WirefaultLayer(layer.Layer):
+    def __init__(self, context: Context, runtime: ProxyRuntime) -> None:
+        super().__init__(context)
+        self.runtime = runtime
+        session = runtime.protocol.new_session(runtime.max_frame)
+        self._client_framer = session.client
+        self._server_framer = session.server
+        self.rule_state = RuleState()
+        self.slot = RecorderSlot()
+        self.backlog: deque[Frame | _Closed] = deque()
+        self.hold: commands.RequestWakeup | None = None
+        self.grace: commands.RequestWakeup | None = None
+        self.dead = False
+        self.flow = (
+            tcp.TCPFlow(context.client, context.server, True) if runtime.make_flows else None
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        return self.start(event)
+
+    def start(self, event: events.Event) -> layer.CommandGenerator[None]:
+        assert isinstance(event, events.Start)
+        self._handle_event = self.relay  # type: ignore[method-assign]
+        if self.flow:
+            yield TcpStartHook(self.flow)
+        if self.context.server.timestamp_start is None:
+            err = yield commands.OpenConnection(self.context.server)
+            if err:
+                if self.flow:
+                    self.flow.error = tcp.flow.Error(str(err))  # type: ignore[attr-defined]
+                yield commands.CloseConnection(self.context.client)
+                self._handle_event = self.done  # type: ignore[method-assign]
+
+    def done(self, event: events.Event) -> layer.CommandGenerator[None]:
+        yield from ()
+
+    def relay(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.DataReceived):
+            yield from self._on_data(event.connection is self.context.client, event.data)
+        elif isinstance(event, events.ConnectionClosed):
+            if self.dead:
+                yield from self._close_all()
+            elif self.hold or self.backlog:
+                self.backlog.append(_Closed(event.connection))
+            else:
+                yield from self._on_closed(event.connection)
+        elif isinstance(event, events.Wakeup):
+            if event.command is self.hold:
+                self.hold = None
+                yield from self._release()
+            elif event.command is self.grace:
+                yield from self._close_all()
+        elif isinstance(event, TcpMessageInjected):
+            yield from self._on_data(event.message.from_client, event.message.content)
+
+    # -- data ------------------------------------------------------------------------------
+
+    def _on_data(self, from_client: bool, data: bytes) -> layer.CommandGenerator[None]:
+        if self.dead:
+            return
+        if self.flow:
+            yield from self._fire_message_hook(from_client, data)
+        framer = self._client_framer if from_client else self._server_framer
+        carried = framer.buffered
+        frames = framer.feed(data)
+        if self.hold or self.backlog:
+            self.backlog.extend(frames)
+            return
+        whole = data if carried == 0 and framer.buffered == 0 else None
+        yield from self._judge(frames, from_client, whole)
+
+    def _judge(
+        self, frames: Iterable[Frame], from_client: bool, whole_read: bytes | None
+    ) -> layer.CommandGenerator[None]:
+        """Record and decide each frame of one direction; forward those that pass."""
+        dest = self.context.server if from_client else self.context.client
+        engine = self.runtime.engine
+        record = self.runtime.recorder.record
+        state = self.rule_state
+        passed: list[bytes] = []
+        frames = list(frames)
+        for index, frame in enumerate(frames):
+            if from_client:
+                state.client_frames_seen += 1
+            record(self.slot, frame)
+            decision = engine.decide(frame, state)
+            verdict = decision.verdict
+            if verdict is Verdict.FORWARD:
+                passed.append(frame.data)
+                continue
+            if passed:
+                yield commands.SendData(dest, b"".join(passed))
+            if verdict is Verdict.HOLD:
+                self.hold = commands.RequestWakeup(decision.delay)
+                self.backlog.extendleft(reversed(frames[index:]))
+                yield self.hold
+            elif verdict is Verdict.KILL:
+                yield from self._kill(dest)
+            else:
+                yield from self._reset()
+            return
+        if whole_read is not None and len(passed) == len(frames):
+            yield commands.SendData(dest, whole_read)
+        elif passed:
+            yield commands.SendData(dest, b"".join(passed))
+
+    def _release(self) -> layer.CommandGenerator[None]:
+        """The hold is over: forward the held frame as it is, then judge the backlog."""
+        held = self.backlog.popleft()
+        assert isinstance(held, Frame)
+        yield commands.SendData(self._destination(held.from_client), held.data)
+        while self.backlog and not self.hold and not self.dead:
+            item = self.backlog.popleft()
+            if isinstance(item, _Closed):
+                yield from self._on_closed(item.connection)
+            else:
+                yield from self._judge((item,), item.from_client, None)
+
+    def _destination(self, from_client: bool) -> Connection:
+        return self.context.server if from_client else self.context.client
+
+    def _fire_message_hook(self, from_client: bool, data: bytes) -> layer.CommandGenerator[None]:
+        assert self.flow is not None
+        self.flow.messages.append(tcp.TCPMessage(from_client, data))
+        yield TcpMessageHook(self.flow)
+        excess = len(self.flow.messages) - self.runtime.max_flow_messages
+        if excess > 0:
+            del self.flow.messages[:excess]
+
+    # -- faults ----------------------------------------------------------------------------
+
+    def _kill(self, dest: Connection) -> layer.CommandGenerator[None]:
+        """FIN to the side the frame was going to; the other side follows when it closes."""
+        self.dead = True
+        self.backlog.clear()
+        other = self.context.client if dest is self.context.server else self.context.server
+        # We learn that dest closed only while it can still read; else nothing is left to wait for.
+        will_hear_close = bool(dest.state & ConnectionState.CAN_READ)
+        yield commands.CloseTcpConnection(dest, half_close=True)
+        if not will_hear_close or other.state is ConnectionState.CLOSED:
+            yield from self._close_all()
+        else:
+            self.grace = commands.RequestWakeup(self.runtime.kill_grace)
+            yield self.grace
+
+    def _reset(self) -> layer.CommandGenerator[None]:
+        self.dead = True
+        self.backlog.clear()
+        self.runtime.abort_with_rst(self.context.client.id)
+        yield from self._close_all()
+
+    def _close_all(self) -> layer.CommandGenerator[None]:
+        self._handle_event = self.done  # type: ignore[method-assign]
+        for connection in (self.context.server, self.context.client):
+            if connection.state is not ConnectionState.CLOSED:
+                yield commands.CloseConnection(connection)
+        if self.flow:
+            yield TcpEndHook(self.flow)
+            self.flow.live = False
+
+    def _on_closed(self, connection: Connection) -> layer.CommandGenerator[None]:
+        """A side closed: half-close the other, or finish when neither can read (as TCPLayer)."""
+        client, server = self.context.client, self.context.server
+        if not ((client.state & ConnectionState.CAN_READ) or
+                (server.state & ConnectionState.CAN_READ)):
+            yield from self._close_all()
+        else:
+            other = server if connection is client else client
+            yield commands.CloseTcpConnection(other, half_close=True)

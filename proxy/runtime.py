@@ -1,0 +1,45 @@
+"""What every connection's layer shares within one proxy: protocol, rules, recorder, options."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from wirefault.protocols import ProtocolSpec
+
+from .recorder import Recorder
+from .rules import RuleEngine
+
+DEFAULT_KILL_GRACE = 2.0
+DEFAULT_FLOW_MESSAGES = 100
+
+
+def _no_reset(client_id: str) -> bool:
+    return False
+
+
+@dataclass
+class ProxyRuntime:
+    protocol: ProtocolSpec
+    engine: RuleEngine
+    recorder: Recorder
+    kill_grace: float = DEFAULT_KILL_GRACE
+    """Seconds to wait for the killed side to close before closing the other side anyway."""
+    max_frame: int | None = None
+    make_flows: bool = False
+    """Create mitmproxy flows and fire tcp_* hooks (slow; for watching in mitmproxy's tools)."""
+    max_flow_messages: int = DEFAULT_FLOW_MESSAGES
+    abort_with_rst: Callable[[str], bool] = field(default=_no_reset)
+    """Aborts every socket of the client connection with this id with an RST."""
+
+    @classmethod
+    def create(cls, protocol: ProtocolSpec, rule: str | None = None, **options) -> ProxyRuntime:
+        recorder_options = {
+            k: options.pop(k) for k in ("limit", "client_label", "server_label") if k in options
+        }
+        return cls(
+            protocol=protocol,
+            engine=RuleEngine(protocol, rule),
+            recorder=Recorder(**recorder_options),
+            **options,
+        )

@@ -1,0 +1,128 @@
+"""Start and stop real wirefault proxy processes for end-to-end tests, the demo and benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pgserver import free_port
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
+MITMDUMP_SCRIPT = REPO / "proxy" / "mitmdump_script.py"
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"proxy exited with {process.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"proxy did not listen on {port} within {timeout}s")
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+@dataclass
+class RunningProxy:
+    port: int
+    fifo: str
+    process: subprocess.Popen
+    log_path: str
+    upstream_port: int
+    extra: dict = field(default_factory=dict)
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def rss_kib(self) -> int:
+        return rss_kib(self.process.pid)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        return self.process.returncode
+
+
+def _command(kind: str, port: int, upstream_port: int, fifo: str, protocol: str,
+             rule: str | None, extra_args: list[str], reply_timeout: float) -> list[str]:
+    if kind == "runner":
+        cmd = [str(BIN / "wirefault"), "proxy", "--listen", f"127.0.0.1:{port}",
+               "--upstream", f"127.0.0.1:{upstream_port}", "--protocol", protocol,
+               "--fifo", fifo, "--fifo-reply-timeout", str(reply_timeout)]
+        if rule:
+            cmd += ["--rule", rule]
+        return cmd + extra_args
+    if kind == "mitmdump":
+        cmd = [str(BIN / "mitmdump"), "--rawtcp", "-p", str(port), "--listen-host", "127.0.0.1",
+               "--mode", f"reverse:tcp://127.0.0.1:{upstream_port}", "-s", str(MITMDUMP_SCRIPT),
+               "--set", f"fifo={fifo}", "--set", f"protocol={protocol}",
+               "--set", "flow_detail=0", "--set", "termlog_verbosity=warn",
+               "--set", "connection_strategy=lazy",
+               "--set", f"fifo_reply_timeout={reply_timeout}"]
+        if rule:
+            cmd += ["--set", f"slug={rule}"]
+        return cmd + extra_args
+    raise ValueError(kind)
+
+
+@contextlib.contextmanager
+def running_proxy(
+    upstream_port: int,
+    kind: str = "runner",
+    protocol: str = "postgres",
+    rule: str | None = None,
+    fifo: str | None = None,
+    extra_args: list[str] | None = None,
+    user: str | None = None,
+    reply_timeout: float = 3.0,
+) -> Iterator[RunningProxy]:
+    """A proxy process in front of 127.0.0.1:upstream_port, stopped with SIGINT on exit."""
+    tmp = tempfile.mkdtemp(prefix="wirefault-proxy-")
+    os.chmod(tmp, 0o755)
+    fifo = fifo or os.path.join(tmp, "wirefault.fifo")
+    port = free_port()
+    log_path = os.path.join(tmp, "proxy.log")
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            _command(kind, port, upstream_port, fifo, protocol, rule, extra_args or [],
+                     reply_timeout),
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, **({"user": user} if user else {}),
+        )
+    proxy = RunningProxy(port, fifo, process, log_path, upstream_port)
+    try:
+        wait_for_port(port, process)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(fifo) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        yield proxy
+    except Exception:
+        print(proxy.log(), file=sys.stderr)
+        raise
+    finally:
+        proxy.stop()

@@ -1,0 +1,77 @@
+"""The recorder: numbering, labels, COPY escaping, the ring buffer's bound."""
+
+from __future__ import annotations
+
+from wirefault.protocols import Frame, get
+from wirefault.proxy.recorder import KEEP_FRAME_BYTES, Recorder, RecorderSlot, copy_escape
+
+RAW = get("raw").messages["Data"]
+
+
+def data_frame(payload: bytes, from_client: bool = True) -> Frame:
+    return Frame("Data", payload, (0, len(payload)), from_client, RAW)
+
+
+def test_rows_are_copy_text_with_numbers_in_order_of_first_frame():
+    rec = Recorder()
+    a, b = RecorderSlot(), RecorderSlot()
+    rec.record(b, data_frame(b"first", True))
+    rec.record(a, data_frame(b"second", False))
+    rec.record(b, data_frame(b"third", False))
+    assert rec.dump().splitlines() == [
+        "0\tcoordinator\tData(data=first)",
+        "1\tworker\tData(data=second)",
+        "0\tworker\tData(data=third)",
+    ]
+    assert rec.dump() == ""
+
+
+def test_reset_restarts_numbering_and_forgets_rows():
+    rec = Recorder()
+    a, b = RecorderSlot(), RecorderSlot()
+    rec.record(a, data_frame(b"x"))
+    rec.record(b, data_frame(b"y"))
+    rec.reset()
+    rec.record(b, data_frame(b"z"))
+    assert rec.dump() == "0\tcoordinator\tData(data=z)"
+
+
+def test_labels_are_configurable():
+    rec = Recorder(client_label="source", server_label="sink")
+    rec.record(RecorderSlot(), data_frame(b"x", True))
+    rec.record(RecorderSlot(), data_frame(b"y", False))
+    assert [row.split("\t")[1] for row in rec.dump().splitlines()] == ["source", "sink"]
+
+
+def test_copy_escaping():
+    assert copy_escape("a\\b\tc\nd\re") == "a\\\\b\\tc\\nd\\re"
+    rec = Recorder()
+    rec.record(RecorderSlot(), data_frame(b"tab\there\\"))
+    assert rec.dump() == "0\tcoordinator\tData(data=tab\\there\\\\)"
+
+
+def test_ring_buffer_is_bounded_and_reports_drops_first():
+    rec = Recorder(limit=10)
+    slot = RecorderSlot()
+    for i in range(25):
+        rec.record(slot, data_frame(str(i).encode()))
+    assert len(rec) == 10
+    rows = rec.dump().splitlines()
+    assert rows[0] == "-1\trecorder\t15 frames dropped (ring buffer limit 10)"
+    assert rows[1] == "0\tcoordinator\tData(data=15)" and len(rows) == 11
+
+
+def test_large_frames_are_rendered_at_once_and_truncated():
+    rec = Recorder()
+    payload = b"x" * (KEEP_FRAME_BYTES * 10)
+    rec.record(RecorderSlot(), data_frame(payload))
+    row = rec.dump()
+    assert row.startswith("0\tcoordinator\tData(data=xxx")
+    assert row.endswith(f"...({len(payload)} bytes)")
+    assert len(row) < 5000
+
+
+def test_terminate_frames_are_left_out():
+    rec = Recorder()
+    rec.record(RecorderSlot(), Frame("Terminate", b"X\0\0\0\4", (0, 5), True, None))
+    assert rec.dump() == ""
