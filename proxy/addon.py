@@ -8,6 +8,7 @@ force at start), `protocol` (postgres, wallaroo or raw), `kill_grace`, `recorder
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from mitmproxy import ctx
 from mitmproxy.proxy import layer as mitm_layer
@@ -16,10 +17,12 @@ from mitmproxy.proxy.layers.tcp import TCPLayer
 from wirefault import protocols
 
 from . import dsl, mitm_internals
-from .command_channel import CommandChannel
 from .layer import WirefaultLayer
 from .recorder import DEFAULT_LIMIT
 from .runtime import DEFAULT_KILL_GRACE, ProxyRuntime
+
+if TYPE_CHECKING:
+    from .command_channel import CommandChannel
 
 logger = logging.getLogger("wirefault")
 
@@ -109,6 +112,8 @@ class WirefaultAddon:
             self.channel.close()
             self.channel = None
         if ctx.options.fifo:
+            from .command_channel import CommandChannel
+
             self.channel = CommandChannel(
                 ctx.options.fifo, self.handle_command,
                 reply_timeout=ctx.options.fifo_reply_timeout,
