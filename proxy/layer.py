@@ -24,8 +24,8 @@ from mitmproxy.proxy.layers.tcp import (
 
 from wirefault.protocols import Frame
 
+from .faults import FORWARD, Decision, Verdict
 from .faults import ConnectionState as RuleState
-from .faults import Verdict
 from .recorder import RecorderSlot
 from .runtime import ProxyRuntime
 
@@ -113,39 +113,47 @@ class WirefaultLayer(layer.Layer):
         yield from self._judge(frames, from_client, whole)
 
     def _judge(
-        self, frames: Iterable[Frame], from_client: bool, whole_read: bytes | None
-    ) -> layer.CommandGenerator[None]:
+        self, frames: list[Frame], from_client: bool, whole_read: bytes | None
+    ) -> Iterable[commands.Command]:
         """Record and decide each frame of one direction; forward those that pass."""
         dest = self.context.server if from_client else self.context.client
-        engine = self.runtime.engine
+        decide = self.runtime.engine.decide
         record = self.runtime.recorder.record
         state = self.rule_state
-        passed: list[bytes] = []
-        frames = list(frames)
+        slot = self.slot
         for index, frame in enumerate(frames):
             if from_client:
                 state.client_frames_seen += 1
-            record(self.slot, frame)
-            decision = engine.decide(frame, state)
-            verdict = decision.verdict
-            if verdict is Verdict.FORWARD:
-                passed.append(frame.data)
-                continue
-            if passed:
-                yield commands.SendData(dest, b"".join(passed))
-            if verdict is Verdict.HOLD:
-                self.hold = commands.RequestWakeup(decision.delay)
-                self.backlog.extendleft(reversed(frames[index:]))
-                yield self.hold
-            elif verdict is Verdict.KILL:
-                yield from self._kill(dest)
-            else:
-                yield from self._reset()
-            return
-        if whole_read is not None and len(passed) == len(frames):
-            yield commands.SendData(dest, whole_read)
-        elif passed:
-            yield commands.SendData(dest, b"".join(passed))
+            record(slot, frame)
+            decision = decide(frame, state)
+            if decision is not FORWARD:
+                return self._act(decision, frames, index, dest)
+        if whole_read is not None:
+            return (commands.SendData(dest, whole_read),)
+        if not frames:
+            return ()
+        return (commands.SendData(dest, b"".join([f.data for f in frames])),)
+
+    def _act(
+        self, decision: Decision, frames: list[Frame], index: int, dest: Connection
+    ) -> list[commands.Command]:
+        """Frame `index` triggered a fault: forward those before it, then act."""
+        out: list[commands.Command] = []
+        if index:
+            out.append(commands.SendData(dest, b"".join([f.data for f in frames[:index]])))
+        verdict = decision.verdict
+        if verdict is Verdict.FORWARD:  # a Decision equal to FORWARD but not the singleton
+            out.append(commands.SendData(dest, frames[index].data))
+            out.extend(self._judge(frames[index + 1:], frames[index].from_client, None))
+        elif verdict is Verdict.HOLD:
+            self.hold = commands.RequestWakeup(decision.delay)
+            self.backlog.extendleft(reversed(frames[index:]))
+            out.append(self.hold)
+        elif verdict is Verdict.KILL:
+            out.extend(self._kill(dest))
+        else:
+            out.extend(self._reset())
+        return out
 
     def _release(self) -> layer.CommandGenerator[None]:
         """The hold is over: forward the held frame as it is, then judge the backlog."""
@@ -157,7 +165,7 @@ class WirefaultLayer(layer.Layer):
             if isinstance(item, _Closed):
                 yield from self._on_closed(item.connection)
             else:
-                yield from self._judge((item,), item.from_client, None)
+                yield from self._judge([item], item.from_client, None)
 
     def _destination(self, from_client: bool) -> Connection:
         return self.context.server if from_client else self.context.client

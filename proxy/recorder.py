@@ -37,6 +37,14 @@ def render_frame(frame: Frame) -> str:
     return text
 
 
+@dataclass(frozen=True, slots=True)
+class _Rendered:
+    """A large frame, rendered when recorded so its payload is not kept."""
+
+    from_client: bool
+    text: str
+
+
 @dataclass(slots=True)
 class RecorderSlot:
     """A connection's numbering within the current recording epoch."""
@@ -55,8 +63,9 @@ class Recorder:
         self.limit = limit
         self.client_label = client_label
         self.server_label = server_label
-        self._rows: deque[tuple[int, bool, Frame | str]] = deque(maxlen=limit)
-        self._dropped = 0
+        self._rows: deque[tuple[int, Frame | _Rendered]] = deque(maxlen=limit)
+        self._count = 0
+        """Frames recorded since the last dump or reset; those beyond `limit` were dropped."""
         self._epoch = 0
         self._next_number = 0
 
@@ -64,37 +73,37 @@ class Recorder:
         return len(self._rows)
 
     def record(self, slot: RecorderSlot, frame: Frame) -> None:
-        if frame.type in SKIPPED_TYPES:
-            return
         if slot.epoch != self._epoch:
             slot.epoch = self._epoch
             slot.number = self._next_number
             self._next_number += 1
-        rows = self._rows
-        if len(rows) == self.limit:
-            self._dropped += 1
-        item: Frame | str = frame if len(frame.data) <= KEEP_FRAME_BYTES else render_frame(frame)
-        rows.append((slot.number, frame.from_client, item))
+        if frame.type in SKIPPED_TYPES:
+            return
+        self._count += 1
+        if len(frame.data) <= KEEP_FRAME_BYTES:
+            self._rows.append((slot.number, frame))
+        else:
+            self._rows.append((slot.number, _Rendered(frame.from_client, render_frame(frame))))
 
     def reset(self) -> None:
         """Forget everything and restart connection numbers at 0."""
         self._rows.clear()
-        self._dropped = 0
+        self._count = 0
         self._epoch += 1
         self._next_number = 0
 
     def dump(self) -> str:
         """COPY text rows `conn<TAB>source<TAB>message` since the last dump or reset, cleared."""
         lines = []
-        if self._dropped:
+        dropped = self._count - len(self._rows)
+        if dropped:
             lines.append(
-                f"-1\trecorder\t{self._dropped} frames dropped "
-                f"(ring buffer limit {self.limit})"
+                f"-1\trecorder\t{dropped} frames dropped (ring buffer limit {self.limit})"
             )
-        for number, from_client, item in self._rows:
-            source = self.client_label if from_client else self.server_label
-            message = item if isinstance(item, str) else render_frame(item)
+        for number, item in self._rows:
+            source = self.client_label if item.from_client else self.server_label
+            message = item.text if isinstance(item, _Rendered) else render_frame(item)
             lines.append(f"{number}\t{source}\t{copy_escape(message)}")
         self._rows.clear()
-        self._dropped = 0
+        self._count = 0
         return "\n".join(lines)

@@ -100,7 +100,14 @@ async def serve(args: argparse.Namespace) -> int:
     ready = asyncio.ensure_future(_announce(master, args))
     await master.run()
     ready.cancel()
+    # Connections still open at shutdown are cancelled; asyncio would log each as an error.
+    loop.set_exception_handler(_quiet_cancellation)
     return 0
+
+
+def _quiet_cancellation(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    if not isinstance(context.get("exception"), asyncio.CancelledError):
+        loop.default_exception_handler(context)
 
 
 async def _announce(master, args: argparse.Namespace) -> None:
