@@ -55,12 +55,15 @@ class WirefaultAddon:
                           "Seconds to wait for a FIFO client to read its reply.")
         loader.add_option("max_frame", int, 0,
                           "Largest frame accepted, in bytes (0: the protocol's default).")
+        loader.add_option("fast_path", bool, True,
+                          "Relay established connections straight from their sockets, "
+                          "bypassing mitmproxy's per-read machinery.")
         loader.add_option("wirefault_flows", bool, False,
                           "Also create mitmproxy TCP flows and fire tcp_* hooks (slower).")
 
     def configure(self, updated: set[str]) -> None:
         rebuild = {"protocol", "recorder_limit", "source_labels", "max_frame", "kill_grace",
-                   "wirefault_flows"}
+                   "wirefault_flows", "fast_path"}
         if self.runtime is None or updated & rebuild:
             self.runtime = self._build_runtime()
         elif "slug" in updated:
@@ -86,6 +89,8 @@ class WirefaultAddon:
                 max_frame=opts.max_frame or None,
                 make_flows=opts.wirefault_flows,
                 abort_with_rst=self._abort_with_rst,
+                fast_path=opts.fast_path,
+                take_over=self._take_over,
             )
         except dsl.CommandError as exc:
             raise ValueError(f"option slug: {exc}") from None
@@ -95,6 +100,10 @@ class WirefaultAddon:
     @staticmethod
     def _abort_with_rst(client_id: str) -> bool:
         return mitm_internals.abort_with_rst(ctx.master.addons.get("proxyserver"), client_id)
+
+    @staticmethod
+    def _take_over(client_id: str):
+        return mitm_internals.take_over_transports(ctx.master.addons.get("proxyserver"), client_id)
 
     # -- lifecycle -------------------------------------------------------------------------
 

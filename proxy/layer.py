@@ -24,6 +24,7 @@ from mitmproxy.proxy.layers.tcp import (
 
 from wirefault.protocols import Frame
 
+from .fast_relay import FastRelay
 from .faults import FORWARD, Decision, Verdict
 from .faults import ConnectionState as RuleState
 from .recorder import RecorderSlot
@@ -52,6 +53,7 @@ class WirefaultLayer(layer.Layer):
         self.hold: commands.RequestWakeup | None = None
         self.grace: commands.RequestWakeup | None = None
         self.dead = False
+        self.fast_relay: FastRelay | None = None
         self.flow = (
             tcp.TCPFlow(context.client, context.server, True) if runtime.make_flows else None
         )
@@ -73,6 +75,17 @@ class WirefaultLayer(layer.Layer):
                     self.flow.error = tcp.flow.Error(str(err))  # type: ignore[attr-defined]
                 yield commands.CloseConnection(self.context.client)
                 self._handle_event = self.done  # type: ignore[method-assign]
+                return
+        if self.runtime.fast_path and not self.flow:
+            self._take_fast_path()
+
+    def _take_fast_path(self) -> None:
+        taken = self.runtime.take_over(self.context.client.id)
+        if taken is None:
+            return
+        transports, on_activity, release = taken
+        self.fast_relay = FastRelay(self.handle_event, transports, on_activity, release)
+        self.fast_relay.start()
 
     def done(self, event: events.Event) -> layer.CommandGenerator[None]:
         yield from ()

@@ -1,17 +1,20 @@
-"""The one place wirefault reaches into mitmproxy's internals: sockets, for a real RST.
+"""The one place wirefault reaches into mitmproxy's internals: its sockets.
 
 mitmproxy's public API can close a connection (FIN) but not abort it. To send an RST we find
 the connection handler the proxyserver addon keeps per client, take the asyncio transports it
-holds for each side, set SO_LINGER to zero and abort them. `check_compatible()` verifies that
+holds for each side, set SO_LINGER to zero and abort them. The fast path (fast_relay.py)
+takes the same transports over for an established connection. `check_compatible()` verifies that
 the internals this relies on are still shaped as expected; a test calls it so an upgrade that
 changes them fails loudly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -31,6 +34,8 @@ def check_compatible() -> None:
         problems.append("ConnectionHandler.transports is gone")
     if "writer" not in getattr(ConnectionIO, "__annotations__", {}):
         problems.append("ConnectionIO.writer is gone")
+    if "timeout_watchdog" not in ConnectionHandler.__annotations__:
+        problems.append("ConnectionHandler.timeout_watchdog is gone")
     if problems:
         raise RuntimeError("mitmproxy internals changed: " + "; ".join(problems))
 
@@ -58,3 +63,40 @@ def abort_with_rst(proxyserver: Any, client_id: str) -> bool:
         else:
             writer.close()
     return True
+
+
+def take_over_transports(
+    proxyserver: Any, client_id: str
+) -> tuple[dict[Any, Any], Callable[[], None], Callable[[], None]] | None:
+    """Hand the asyncio transports of an established connection to wirefault's fast path.
+
+    Returns (transports by mitmproxy Connection, on_activity, release) or None when the
+    connection does not fit (unknown, not plain TCP, or not fully open). `release()` must be
+    called once both sides are closed: it ends mitmproxy's own reader tasks so that mitmproxy
+    cleans up the connection as usual.
+    """
+    handler = proxyserver.connections.get(client_id)
+    if handler is None:
+        return None
+    transports: dict[Any, Any] = {}
+    originals: list[Any] = []
+    for connection, io in handler.transports.items():
+        writer = io.writer
+        transport = getattr(writer, "transport", None)
+        if transport is None or not hasattr(transport, "set_protocol"):
+            return None
+        if connection.transport_protocol != "tcp" or transport.is_closing():
+            return None
+        transports[connection] = transport
+        originals.append(transport.get_protocol())
+    if len(transports) != 2:
+        return None
+    watchdog = handler.timeout_watchdog
+
+    def release() -> None:
+        # mitmproxy's reader tasks still wait on their stream readers: end them.
+        for protocol in originals:
+            with contextlib.suppress(Exception):
+                protocol.eof_received()
+
+    return transports, watchdog.register_activity, release

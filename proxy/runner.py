@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--source-labels", default="coordinator,worker", metavar="CLIENT,SERVER")
     parser.add_argument("--flows", action="store_true",
                         help="create mitmproxy flows and fire tcp_* hooks (slower)")
+    parser.add_argument("--no-fast-path", action="store_true",
+                        help="relay every read through mitmproxy's connection handler")
     parser.add_argument("--no-uvloop", action="store_true", help="use asyncio's default loop")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every command")
     return parser
@@ -90,6 +92,7 @@ async def serve(args: argparse.Namespace) -> int:
             recorder_limit=args.recorder_limit,
             source_labels=args.source_labels,
             wirefault_flows=args.flows,
+            fast_path=not args.no_fast_path,
         )
     except Exception as exc:  # option errors are the user's: one line, no traceback
         print(f"wirefault proxy: {exc}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from wirefault.protocols import ProtocolSpec
 
@@ -16,6 +17,10 @@ DEFAULT_FLOW_MESSAGES = 100
 
 def _no_reset(client_id: str) -> bool:
     return False
+
+
+def _no_take_over(client_id: str) -> None:
+    return None
 
 
 @dataclass
@@ -31,6 +36,10 @@ class ProxyRuntime:
     max_flow_messages: int = DEFAULT_FLOW_MESSAGES
     abort_with_rst: Callable[[str], bool] = field(default=_no_reset)
     """Aborts every socket of the client connection with this id with an RST."""
+    fast_path: bool = True
+    """Relay established connections straight from their transports (see fast_relay.py)."""
+    take_over: Callable[[str], Any] = field(default=_no_take_over)
+    """Hands an established connection's transports to the fast path (mitm_internals)."""
 
     @classmethod
     def create(cls, protocol: ProtocolSpec, rule: str | None = None, **options) -> ProxyRuntime:

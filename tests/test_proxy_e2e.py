@@ -29,10 +29,18 @@ def query_message(text: str) -> bytes:
     return b"Q" + struct.pack("!I", len(body) + 4) + body
 
 
-@pytest.fixture(scope="module", params=["runner", "mitmdump"])
+LAUNCHES = {
+    # the runner with the fast path (the default), mitmdump with every read through mitmproxy
+    "runner": ("runner", []),
+    "mitmdump-slow-path": ("mitmdump", ["--set", "fast_path=false"]),
+}
+
+
+@pytest.fixture(scope="module", params=list(LAUNCHES))
 def proxy(request, pg):
     """One proxy per launch mode, shared by this module's tests; rule reset after each."""
-    with running_proxy(pg.port, kind=request.param) as running:
+    kind, extra = LAUNCHES[request.param]
+    with running_proxy(pg.port, kind=kind, extra_args=extra) as running:
         yield running
 
 

@@ -1,0 +1,166 @@
+"""The fast path: drive an established connection's layer straight from asyncio transports.
+
+mitmproxy's connection handler costs tens of microseconds per read (a stream reader, a task
+switch, locks, a write-drain pass over every socket, the layer stack). Once a connection is
+established and nothing needs mitmproxy's hooks, wirefault moves both sockets to this driver:
+the transports call it back on each read, it feeds the same sans-I/O layer, and executes the
+commands the layer yields itself. The layer's logic is unchanged; only the I/O edge moves.
+Back-pressure is the relay's usual one: when one side's write buffer is full, stop reading
+the other side until it drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+
+from mitmproxy.connection import Connection, ConnectionState
+from mitmproxy.proxy import commands, events
+
+logger = logging.getLogger(__name__)
+
+
+class _Side(asyncio.Protocol):
+    """One socket's protocol while the fast path owns it."""
+
+    __slots__ = ("connection", "relay", "transport")
+
+    def __init__(self, relay: FastRelay, connection: Connection,
+                 transport: asyncio.Transport) -> None:
+        self.relay = relay
+        self.connection = connection
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.relay.data_received(self.connection, data)
+
+    def eof_received(self) -> bool:
+        self.relay.eof_received(self.connection)
+        return True  # keep the transport open: the other direction may still carry data
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.connection_lost(self.connection)
+
+    def pause_writing(self) -> None:
+        self.relay.pause_reading_toward(self.connection)
+
+    def resume_writing(self) -> None:
+        self.relay.resume_reading_toward(self.connection)
+
+
+class FastRelay:
+    """Owns both transports of one connection until both sides are closed.
+
+    `handle_event(event)` is the layer's event entry point (returns its commands);
+    `on_activity` keeps mitmproxy's idle watchdog informed; `on_finished` hands the
+    connection back to mitmproxy for its own cleanup once both sides are closed.
+    """
+
+    def __init__(
+        self,
+        handle_event: Callable[[events.Event], Iterable[commands.Command]],
+        transports: dict[Connection, asyncio.Transport],
+        on_activity: Callable[[], None],
+        on_finished: Callable[[], None],
+    ) -> None:
+        self.handle_event = handle_event
+        self.transports = transports
+        self.on_activity = on_activity
+        self.on_finished = on_finished
+        self.finished = False
+        self.sides = {conn: _Side(self, conn, t) for conn, t in transports.items()}
+        self._timers: set[asyncio.TimerHandle] = set()
+
+    def start(self) -> None:
+        for side in self.sides.values():
+            side.transport.set_protocol(side)
+            if not side.transport.is_reading():
+                side.transport.resume_reading()
+
+    # -- transport callbacks ----------------------------------------------------------------
+
+    def data_received(self, connection: Connection, data: bytes) -> None:
+        self.on_activity()
+        self.execute(self.handle_event(events.DataReceived(connection, data)))
+
+    def eof_received(self, connection: Connection) -> None:
+        connection.state &= ~ConnectionState.CAN_READ
+        self.execute(self.handle_event(events.ConnectionClosed(connection)))
+        self._check_finished()
+
+    def connection_lost(self, connection: Connection) -> None:
+        was_readable = bool(connection.state & ConnectionState.CAN_READ)
+        connection.state = ConnectionState.CLOSED
+        if was_readable:
+            self.execute(self.handle_event(events.ConnectionClosed(connection)))
+        self._check_finished()
+
+    def pause_reading_toward(self, connection: Connection) -> None:
+        for other, transport in self.transports.items():
+            if other is not connection and not transport.is_closing():
+                transport.pause_reading()
+
+    def resume_reading_toward(self, connection: Connection) -> None:
+        for other, transport in self.transports.items():
+            if other is not connection and not transport.is_closing():
+                transport.resume_reading()
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def execute(self, cmds: Iterable[commands.Command]) -> None:
+        for command in cmds:
+            if type(command) is commands.SendData:
+                transport = self.transports.get(command.connection)
+                if transport is not None and not transport.is_closing():
+                    transport.write(command.data)
+            elif isinstance(command, commands.CloseTcpConnection) and command.half_close:
+                self._half_close(command.connection)
+            elif isinstance(command, commands.CloseConnection):
+                self._close(command.connection)
+            elif isinstance(command, commands.RequestWakeup):
+                self._wake_later(command)
+            elif isinstance(command, commands.Log):
+                logger.log(command.level, command.message)
+            else:
+                logger.error("fast path: unexpected command %r", command)
+        self._check_finished()
+
+    def _half_close(self, connection: Connection) -> None:
+        if not connection.state & ConnectionState.CAN_WRITE:
+            return
+        transport = self.transports[connection]
+        try:
+            if not transport.is_closing() and transport.can_write_eof():
+                transport.write_eof()
+        except OSError:
+            connection.state = ConnectionState.CLOSED
+        else:
+            connection.state &= ~ConnectionState.CAN_WRITE
+        if connection.state is ConnectionState.CLOSED:
+            transport.close()
+
+    def _close(self, connection: Connection) -> None:
+        connection.state = ConnectionState.CLOSED
+        transport = self.transports[connection]
+        if not transport.is_closing():
+            transport.close()
+
+    def _wake_later(self, request: commands.RequestWakeup) -> None:
+        def wake() -> None:
+            self._timers.discard(handle)
+            if not self.finished:
+                self.execute(self.handle_event(events.Wakeup(request)))
+
+        handle = asyncio.get_running_loop().call_later(request.delay, wake)
+        self._timers.add(handle)
+
+    def _check_finished(self) -> None:
+        if self.finished:
+            return
+        if all(conn.state is ConnectionState.CLOSED for conn in self.transports):
+            self.finished = True
+            for handle in self._timers:
+                handle.cancel()
+            self._timers.clear()
+            self.on_finished()
