@@ -1,0 +1,206 @@
+"""`FaultProxy`: send commands to a running wirefault proxy through its FIFO.
+
+    >>> from wirefault.fifo_client import FaultProxy, conn
+    >>> proxy = FaultProxy("/tmp/wirefault.fifo")                      # doctest: +SKIP
+    >>> with proxy.fault(conn.onQuery(query="^COMMIT").kill()):        # doctest: +SKIP
+    ...     run_the_transaction_and_watch_it_fail()
+    >>> proxy.dump()[:1]                                               # doctest: +SKIP
+    [TrafficRow(conn=0, source='coordinator', message='Query(query=BEGIN)')]
+
+Safe to share between threads, and between processes using the same FIFO: each exchange
+holds an exclusive `flock` on `<fifo>.lock` (and a thread lock), so commands never
+interleave and nobody reads somebody else's reply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from . import transport
+from .builder import Command, command_text
+from .errors import CommandError, WirefaultError
+
+DEFAULT_TIMEOUT = 10.0
+DUMP = "recorder.dump()"
+RESET = "recorder.reset()"
+ALLOW = "conn.allow()"
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficRow:
+    """One recorded frame: the connection's number, `source` (by default `coordinator` for
+    the client side, `worker` for the server side) and the frame's readable form.
+
+    A first row with `conn == -1` and source `recorder` reports frames the ring buffer
+    dropped.
+    """
+
+    conn: int
+    source: str
+    message: str
+
+
+class FaultProxy:
+    """A client of the proxy listening on `fifo_path`.
+
+    `timeout` bounds each whole call (waiting for other clients, the proxy reading the
+    command, and the reply); `ProxyUnavailable` is raised when it runs out.
+
+    >>> proxy = FaultProxy("/tmp/wirefault.fifo", timeout=5)          # doctest: +SKIP
+    >>> proxy.send('conn.onQuery(query="^COMMIT").kill()')            # doctest: +SKIP
+    ''
+    """
+
+    def __init__(self, fifo_path: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.fifo_path = str(fifo_path)
+        self.timeout = timeout
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"FaultProxy({self.fifo_path!r}, timeout={self.timeout!r})"
+
+    def send(self, command: str | Command) -> str:
+        """Send one command; return the reply without its final newline.
+
+        The reply is the empty string when a rule was accepted, the COPY text rows for
+        `recorder.dump()`. Raises `CommandError` with the proxy's message when it rejects
+        the command, `ProxyUnavailable` when no proxy answers within the timeout.
+
+        >>> proxy.send(conn.onCopyData().cancel(4242))                   # doctest: +SKIP
+        ''
+        """
+        text = command_text(command)
+        reply = self._exchange(text)
+        if reply and not _is_dump(text):
+            raise CommandError(reply, text)
+        return reply
+
+    def allow(self) -> None:
+        """Let all traffic through again (`conn.allow()`)."""
+        self.send(ALLOW)
+
+    def reset_traffic(self) -> None:
+        """Forget the recorded traffic and restart connection numbers (`recorder.reset()`)."""
+        self.send(RESET)
+
+    def dump(self) -> list[TrafficRow]:
+        """The frames recorded since the last dump or reset (`recorder.dump()`), in order.
+
+        >>> [row.message for row in proxy.dump() if row.source == "coordinator"]  # doctest: +SKIP
+        ['Query(query=BEGIN)', 'Query(query=COMMIT)']
+        """
+        return parse_dump(self._exchange(DUMP))
+
+    @contextlib.contextmanager
+    def fault(self, command: str | Command) -> Iterator[None]:
+        """Apply a rule for the duration of a `with` block, then `conn.allow()`.
+
+        The rule is lifted even when the block raises; if lifting it fails too, the
+        block's exception propagates with a note saying so.
+
+        >>> with proxy.fault(conn.onQuery(query="^COMMIT").kill()):    # doctest: +SKIP
+        ...     cursor.execute("COMMIT")
+        """
+        self.send(command)
+        try:
+            yield
+        except BaseException as exc:
+            try:
+                self.allow()
+            except WirefaultError as restore_error:
+                exc.add_note(f"wirefault: could not restore conn.allow(): {restore_error}")
+            raise
+        self.allow()
+
+    def _exchange(self, text: str) -> str:
+        deadline = transport.Deadline(self.timeout)
+        with transport.thread_lock(self._lock, self.fifo_path, deadline), \
+                transport.exclusive_lock(self.fifo_path, deadline):
+            reply = transport.exchange(self.fifo_path, (text + "\n").encode("utf-8"), deadline)
+        return _strip_final_newline(reply.decode("utf-8", "replace"))
+
+
+def _strip_final_newline(text: str) -> str:
+    return text[:-1] if text.endswith("\n") else text
+
+
+def _is_dump(text: str) -> bool:
+    from wirefault.proxy import dsl
+
+    try:
+        parsed = dsl.parse(text, "raw")  # recorder commands are the same for every protocol
+    except dsl.CommandError:
+        return False
+    return isinstance(parsed, dsl.RecorderCommand) and parsed.name == "dump"
+
+
+# -- COPY text format -----------------------------------------------------------------------
+
+_COPY_ESCAPE = re.compile(rb"\\(?:([0-7]{1,3})|x([0-9A-Fa-f]{1,2})|(.))", re.DOTALL)
+_COPY_LETTERS = {b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"v": b"\v"}
+
+
+def copy_unescape(field: str) -> str:
+    """Undo PostgreSQL's COPY text escapes (`\\\\`, `\\t`, `\\n`, `\\r`, octal, `\\x`...).
+
+    >>> copy_unescape(r"a\\tb\\\\n")
+    'a\\tb\\\\n'
+    """
+
+    def replace(match: re.Match[bytes]) -> bytes:
+        octal, hexadecimal, other = match.groups()
+        if octal:
+            return bytes([int(octal, 8) & 0xFF])
+        if hexadecimal:
+            return bytes([int(hexadecimal, 16)])
+        return _COPY_LETTERS.get(other, other)
+
+    # Octal and hex escapes denote bytes, so unescape bytes and decode at the end.
+    raw = _COPY_ESCAPE.sub(replace, field.encode("utf-8", "surrogateescape"))
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def copy_escape(text: str) -> str:
+    """Escape a value for COPY text format (the inverse of `copy_unescape`)."""
+    return (text.replace("\\", "\\\\").replace("\t", "\\t")
+            .replace("\n", "\\n").replace("\r", "\\r"))
+
+
+def parse_dump(reply: str) -> list[TrafficRow]:
+    """Parse `recorder.dump()`'s reply: `conn<TAB>source<TAB>message` rows, COPY-escaped.
+
+    >>> parse_dump("0\\tcoordinator\\tQuery(query=SELECT 1)")
+    [TrafficRow(conn=0, source='coordinator', message='Query(query=SELECT 1)')]
+    """
+    rows = []
+    lines = reply.split("\n") if reply else []
+    for line in lines:
+        fields = line.split("\t")
+        if len(fields) != 3 or not re.fullmatch(r"-?\d+", fields[0]):
+            if len(lines) == 1:  # a single line that is no row: the proxy's error
+                raise CommandError(line, DUMP)
+            raise WirefaultError(f"unexpected line in the reply to {DUMP}: {line!r}")
+        conn, source, message = fields
+        rows.append(TrafficRow(int(conn), copy_unescape(source), copy_unescape(message)))
+    return rows
+
+
+def format_copy(rows: list[TrafficRow]) -> str:
+    """Rows back in COPY text format, one per line (with a final newline when non-empty)."""
+    return "".join(f"{row.conn}\t{copy_escape(row.source)}\t{copy_escape(row.message)}\n"
+                   for row in rows)
+
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "FaultProxy",
+    "TrafficRow",
+    "copy_escape",
+    "copy_unescape",
+    "format_copy",
+    "parse_dump",
+]

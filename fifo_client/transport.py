@@ -1,0 +1,251 @@
+"""One command/reply exchange over the proxy's FIFO, bounded by a deadline.
+
+Every wait is a `poll`/`select` with a timeout, and every open is non-blocking, so nothing
+here can hang past the deadline however the proxy behaves. The steps, and why:
+
+1. open the FIFO for writing with O_NONBLOCK, retrying on ENXIO (nothing reads the FIFO
+   yet: the proxy is not running, or still busy replying to someone else);
+2. write the command, then wait until the proxy has read all of it (FIONREAD on our end
+   drops to 0) before closing. Closing earlier and opening our reply reader while the
+   command is still in the pipe would let us read our own command back as the reply;
+3. open the FIFO for reading with O_NONBLOCK and poll it: POLLIN while the reply arrives,
+   POLLHUP once the proxy closed its writer. Linux reports POLLHUP to this reader only
+   after a writer came and went since it opened, so `read() == b""` counts as end of reply
+   only when POLLHUP was seen.
+
+Callers serialise whole exchanges (see `exclusive_lock`): the FIFO carries one
+conversation at a time.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import fcntl
+import os
+import select
+import stat
+import termios
+import threading
+import time
+from collections.abc import Iterator
+
+from .errors import ProxyUnavailable, WirefaultError
+
+FIRST_DELAY = 0.0002
+MAX_DELAY = 0.02
+READ_CHUNK = 64 * 1024
+
+
+def pause(seconds: float) -> None:
+    """Wait without `time.sleep`: a `select` on no descriptors."""
+    if seconds > 0:
+        select.select([], [], [], seconds)
+
+
+class Deadline:
+    """A point in monotonic time shared by every step of one exchange."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return max(0.0, self.at - time.monotonic())
+
+    @property
+    def passed(self) -> bool:
+        return time.monotonic() >= self.at
+
+    def poll_ms(self) -> int:
+        """The remaining time for `poll()`, in whole milliseconds, at least 1."""
+        return max(1, int(self.remaining() * 1000) + 1)
+
+
+class Backoff:
+    """Waits growing from FIRST_DELAY to MAX_DELAY, never past the deadline."""
+
+    def __init__(self, deadline: Deadline) -> None:
+        self.deadline = deadline
+        self.delay = FIRST_DELAY
+
+    def wait(self) -> bool:
+        """Wait a little; False (without waiting) once the deadline has passed."""
+        if self.deadline.passed:
+            return False
+        pause(min(self.delay, self.deadline.remaining()))
+        self.delay = min(self.delay * 2, MAX_DELAY)
+        return True
+
+
+def _unavailable(path: str, deadline: Deadline, why: str) -> ProxyUnavailable:
+    return ProxyUnavailable(
+        f"no proxy answered on FIFO {path} within {deadline.seconds:g} s ({why})", path)
+
+
+# -- locking --------------------------------------------------------------------------------
+
+
+def lock_path(fifo_path: str) -> str:
+    """The sidecar file whose `flock` serialises clients of one FIFO."""
+    return f"{fifo_path}.lock"
+
+
+@contextlib.contextmanager
+def exclusive_lock(fifo_path: str, deadline: Deadline) -> Iterator[None]:
+    """Hold an exclusive `flock` on `<fifo>.lock` (created if missing) for one exchange."""
+    path = lock_path(fifo_path)
+    fd = _open_lock_file(path, fifo_path, deadline)
+    try:
+        backoff = Backoff(deadline)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not backoff.wait():
+                    raise _unavailable(fifo_path, deadline,
+                                       f"another client held {path} all along") from None
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
+
+
+def _open_lock_file(path: str, fifo_path: str, deadline: Deadline) -> int:
+    backoff = Backoff(deadline)
+    while True:
+        try:
+            # flock needs no write access: read-only lets users share a lock file.
+            return os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:  # the FIFO's directory does not exist (yet)
+            if not backoff.wait():
+                raise _unavailable(fifo_path, deadline, "the FIFO does not exist") from None
+        except OSError as exc:
+            raise WirefaultError(f"cannot open lock file {path}: {exc.strerror}") from None
+
+
+@contextlib.contextmanager
+def thread_lock(lock: threading.Lock, fifo_path: str, deadline: Deadline) -> Iterator[None]:
+    """Hold `lock` (one per client object: flock does not exclude threads sharing it)."""
+    if not lock.acquire(timeout=deadline.remaining()):
+        raise _unavailable(fifo_path, deadline, "another thread kept the client busy")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+# -- the exchange ---------------------------------------------------------------------------
+
+
+def exchange(fifo_path: str, command: bytes, deadline: Deadline) -> bytes:
+    """Send `command`, return the proxy's whole reply (ProxyUnavailable at the deadline)."""
+    writer = _open_writer(fifo_path, deadline)
+    try:
+        _write_all(writer, command, fifo_path, deadline)
+        _wait_consumed(writer, fifo_path, deadline)
+    finally:
+        os.close(writer)
+    return _read_reply(fifo_path, deadline)
+
+
+def _open_writer(path: str, deadline: Deadline) -> int:
+    backoff = Backoff(deadline)
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            why = "the FIFO does not exist"
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise WirefaultError(f"cannot open FIFO {path}: {exc.strerror}") from None
+            why = "nothing reads the FIFO"
+        else:
+            _check_is_fifo(fd, path)
+            return fd
+        if not backoff.wait():
+            raise _unavailable(path, deadline, why)
+
+
+def _check_is_fifo(fd: int, path: str) -> None:
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise WirefaultError(f"{path} is not a FIFO")
+
+
+def _write_all(fd: int, data: bytes, path: str, deadline: Deadline) -> None:
+    view = memoryview(data)
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            pass
+        except BrokenPipeError:
+            raise _unavailable(path, deadline, "the proxy stopped reading") from None
+        if view:
+            if deadline.passed:
+                raise _unavailable(path, deadline, "the proxy did not read the command")
+            poller.poll(deadline.poll_ms())
+
+
+def _unread_bytes(fd: int) -> int:
+    count = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, count)
+    return count[0]
+
+
+def _readers_gone(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(mask & select.POLLERR for _, mask in poller.poll(0))
+
+
+def _wait_consumed(fd: int, path: str, deadline: Deadline) -> None:
+    backoff = Backoff(deadline)
+    while _unread_bytes(fd):
+        if _readers_gone(fd):
+            raise _unavailable(path, deadline, "the proxy closed the FIFO unread")
+        if not backoff.wait():
+            raise _unavailable(path, deadline, "the proxy did not read the command")
+
+
+def _read_reply(path: str, deadline: Deadline) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise _unavailable(path, deadline, "the FIFO disappeared") from None
+    try:
+        return _read_until_hangup(fd, path, deadline)
+    finally:
+        os.close(fd)
+
+
+def _read_until_hangup(fd: int, path: str, deadline: Deadline) -> bytes:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)  # POLLHUP is always reported
+    chunks: list[bytes] = []
+    while True:
+        events = poller.poll(deadline.poll_ms())
+        hung_up = any(mask & select.POLLHUP for _, mask in events)
+        if events and _drain(fd, chunks) and hung_up:
+            return b"".join(chunks)
+        if deadline.passed:
+            raise _unavailable(path, deadline, "no complete reply")
+
+
+def _drain(fd: int, chunks: list[bytes]) -> bool:
+    """Read what is there; True when read() reported end of file."""
+    while True:
+        try:
+            chunk = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            return False
+        if not chunk:
+            return True
+        chunks.append(chunk)
+
+
+__all__ = ["Deadline", "exchange", "exclusive_lock", "lock_path", "pause", "thread_lock"]

@@ -1,0 +1,167 @@
+-- SQL helpers for driving a wirefault proxy from a PostgreSQL session, which never hang.
+--
+--   SET wirefault.fifo = '/tmp/wirefault.fifo';
+--   SET wirefault.timeout = 5;                          -- seconds, default 10
+--   SELECT wirefault.command('conn.onQuery(query="^COMMIT").kill()');  -- '' when accepted
+--   SELECT * FROM wirefault.traffic();                   -- conn, source, message
+--   SELECT wirefault.clear_traffic();
+--
+-- wirefault.command(text) RETURNS text: '' when the proxy accepts the command; for
+-- 'recorder.dump()' the raw COPY text rows. A rejected command raises SQLSTATE 22023
+-- (invalid_parameter_value) with the proxy's message; no answer within wirefault.timeout
+-- raises 08006 (connection_failure) naming the FIFO and the timeout.
+--
+-- How: the exchange runs through COPY ... TO PROGRAM / FROM PROGRAM with coreutils
+-- `timeout` around `cat`, because a plain server-side COPY to a FIFO nobody reads blocks
+-- in open() for ever and neither statement_timeout nor pg_cancel_backend can interrupt
+-- it. This needs superuser or the pg_execute_server_program role, and `timeout`, `cat`
+-- and `sh` on the server's PATH. Concurrent callers are serialised per FIFO with a
+-- transaction-scoped advisory lock, key (2003201140 = 'wflt', hashtext(fifo path)): it is
+-- held until the caller's transaction ends.
+
+CREATE SCHEMA IF NOT EXISTS wirefault;
+
+CREATE OR REPLACE FUNCTION wirefault._shell_quote(value text) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT AS $$
+  SELECT '''' || replace(value, '''', '''\''''') || ''''
+$$;
+
+-- wirefault.fifo and wirefault.timeout, checked.
+CREATE OR REPLACE FUNCTION wirefault._settings(OUT fifo text, OUT seconds numeric)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+  timeout_text text := NULLIF(current_setting('wirefault.timeout', true), '');
+BEGIN
+  fifo := NULLIF(current_setting('wirefault.fifo', true), '');
+  IF fifo IS NULL THEN
+    RAISE EXCEPTION 'wirefault: no FIFO configured'
+      USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'SET wirefault.fifo = ''/path/of/the/proxy.fifo''';
+  END IF;
+  BEGIN
+    seconds := coalesce(timeout_text::numeric, 10);
+  EXCEPTION WHEN invalid_text_representation THEN
+    seconds := NULL;
+  END;
+  IF seconds IS NULL OR seconds <= 0 THEN
+    RAISE EXCEPTION 'wirefault: wirefault.timeout must be a number of seconds > 0, not %',
+      quote_literal(timeout_text) USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+END;
+$$;
+
+-- Seconds until the deadline, for `timeout` (at least 50 ms, so a late caller still tries).
+CREATE OR REPLACE FUNCTION wirefault._seconds_left(deadline timestamptz) RETURNS text
+LANGUAGE sql VOLATILE AS $$
+  SELECT round(greatest(0.05, extract(epoch FROM deadline - clock_timestamp()))::numeric, 3)::text
+$$;
+
+-- One exchange at a time per FIFO, across sessions; gives up at the deadline.
+CREATE OR REPLACE FUNCTION wirefault._lock(fifo text, deadline timestamptz) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+  WHILE NOT pg_try_advisory_xact_lock(2003201140, hashtext(fifo)) LOOP
+    IF clock_timestamp() >= deadline THEN
+      RAISE EXCEPTION 'wirefault: FIFO % stayed busy: another session is talking to the proxy',
+        fifo USING ERRCODE = 'lock_not_available';
+    END IF;
+    PERFORM pg_sleep(0.005);
+  END LOOP;
+END;
+$$;
+
+-- An empty temporary table of the given shape (created ON COMMIT DROP when missing).
+CREATE OR REPLACE FUNCTION wirefault._fresh_table(name text, columns text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+  IF to_regclass('pg_temp.' || quote_ident(name)) IS NULL THEN
+    EXECUTE format('CREATE TEMPORARY TABLE %I (n bigint GENERATED ALWAYS AS IDENTITY, %s) '
+                   'ON COMMIT DROP', name, columns);
+  ELSE
+    EXECUTE format('TRUNCATE pg_temp.%I', name);
+  END IF;
+END;
+$$;
+
+-- Send `command`; COPY the reply into pg_temp.wirefault_traffic (conn, source, message) when
+-- `traffic`, else line by line, untouched, into pg_temp.wirefault_reply (line).
+CREATE OR REPLACE FUNCTION wirefault._exchange(command text, traffic boolean) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+  settings record := wirefault._settings();
+  deadline timestamptz := clock_timestamp() + settings.seconds * interval '1 second';
+  fifo text := wirefault._shell_quote(settings.fifo);
+  is_fifo text := '[ -p "$1" ] || exit 3; ';
+  program text;
+  detail text;
+BEGIN
+  PERFORM wirefault._lock(settings.fifo, deadline);
+  IF traffic THEN
+    PERFORM wirefault._fresh_table('wirefault_traffic', 'conn int, source text, message text');
+  ELSE
+    PERFORM wirefault._fresh_table('wirefault_reply', 'line text');
+  END IF;
+  BEGIN
+    -- `timeout` wraps the shell that opens the FIFO: the open is what blocks.
+    program := format('exec timeout %s sh -c %s wirefault %s', wirefault._seconds_left(deadline),
+                      wirefault._shell_quote(is_fifo || 'exec cat > "$1"'), fifo);
+    EXECUTE format('COPY (SELECT %L::text) TO PROGRAM %L', command, program);
+    program := format('exec timeout %s sh -c %s wirefault %s', wirefault._seconds_left(deadline),
+                      wirefault._shell_quote(is_fifo || 'exec cat "$1"'), fifo);
+    IF traffic THEN
+      EXECUTE format('COPY pg_temp.wirefault_traffic (conn, source, message) '
+                     'FROM PROGRAM %L', program);
+    ELSE
+      -- CSV with delimiter and quote characters that never occur: every line arrives
+      -- whole, without COPY's backslash processing.
+      EXECUTE format('COPY pg_temp.wirefault_reply (line) FROM PROGRAM %L WITH (FORMAT csv, '
+                     'DELIMITER E''\x01'', QUOTE E''\x02'', FORCE_NOT_NULL (line))', program);
+    END IF;
+  EXCEPTION WHEN external_routine_exception THEN
+    GET STACKED DIAGNOSTICS detail = PG_EXCEPTION_DETAIL;
+    IF detail LIKE '%exit code 3' THEN
+      RAISE EXCEPTION 'wirefault: % is not a FIFO (or does not exist)', settings.fifo
+        USING ERRCODE = 'connection_failure';
+    ELSIF detail LIKE '%exit code 127' THEN
+      RAISE EXCEPTION 'wirefault: the server cannot run sh, timeout or cat'
+        USING ERRCODE = 'connection_failure', DETAIL = detail;
+    END IF;
+    RAISE EXCEPTION 'wirefault: no proxy answered on FIFO % within % s', settings.fifo,
+      settings.seconds USING ERRCODE = 'connection_failure', DETAIL = detail;
+  END;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION wirefault.command(command text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+  reply text;
+BEGIN
+  PERFORM wirefault._exchange(command, false);
+  EXECUTE 'SELECT string_agg(line, E''\n'' ORDER BY n) FROM pg_temp.wirefault_reply'
+    INTO reply;
+  reply := coalesce(reply, '');
+  IF reply = '' OR command ~ '^\s*recorder\s*\.\s*dump\s*\(\s*\)\s*;?\s*$' THEN
+    RETURN reply;
+  END IF;
+  RAISE EXCEPTION 'wirefault: %', reply
+    USING ERRCODE = 'invalid_parameter_value', DETAIL = 'command: ' || command;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION wirefault.clear_traffic() RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM wirefault.command('recorder.reset()');
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION wirefault.traffic()
+RETURNS TABLE(conn int, source text, message text)
+LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM wirefault._exchange('recorder.dump()', true);
+  RETURN QUERY EXECUTE
+    'SELECT t.conn, t.source, t.message FROM pg_temp.wirefault_traffic t ORDER BY t.n';
+END;
+$$;

@@ -1,0 +1,230 @@
+"""sql/citus_helpers.sql and sql/wirefault.sql in a real PostgreSQL server, talking to a
+real CommandChannel (the helper process of fifo_helpers.py) through a real FIFO."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from fifo_helpers import SEEDED_ROWS, ChannelProcess, fifo_dir, make_fifo
+
+from wirefault.proxy import dsl
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+BAD_COMMAND = "conn.onQury(query=\"x\").kill()"
+
+
+def _error_of(command: str) -> str:
+    with pytest.raises(dsl.CommandError) as info:
+        dsl.parse(command)
+    return str(info.value)
+
+
+@pytest.fixture(scope="module")
+def helpers_loaded(pg) -> None:
+    with pg.connect(autocommit=True) as conn:
+        for name in ("citus_helpers.sql", "wirefault.sql"):
+            conn.execute((SQL_DIR / name).read_text())
+
+
+@pytest.fixture
+def fifo() -> Iterator[Path]:
+    with fifo_dir() as directory:
+        yield make_fifo(directory / "proxy.fifo", for_postgres=True)
+
+
+@pytest.fixture
+def channel(fifo: Path) -> Iterator[ChannelProcess]:
+    with ChannelProcess(fifo, reply_timeout=2.0) as process:
+        yield process
+
+
+@pytest.fixture
+def db(pg, helpers_loaded, fifo: Path) -> Iterator[psycopg.Connection]:
+    with pg.connect(autocommit=True) as conn:
+        conn.execute("SELECT set_config('citus.mitmfifo', %s, false)", (str(fifo),))
+        conn.execute("SELECT set_config('wirefault.fifo', %s, false)", (str(fifo),))
+        conn.execute("SET wirefault.timeout = 5")
+        yield conn
+
+
+def _rows(conn: psycopg.Connection, query: str, *params) -> list[tuple]:
+    return conn.execute(query, params).fetchall()
+
+
+# -- citus helpers ----------------------------------------------------------------------------
+
+
+def test_citus_mitmproxy_accepts_a_command_with_one_empty_row(db, channel):
+    assert _rows(db, "SELECT * FROM citus.mitmproxy('conn.allow()')") == [("",)]
+    rule = 'conn.onQuery(query="^COMMIT").after(2).kill()'
+    assert _rows(db, "SELECT * FROM citus.mitmproxy(%s)", rule) == [("",)]
+    assert _rows(db, "SELECT * FROM citus.mitmproxy('test:rule')") == [(f"rule {rule}",)]
+
+
+def test_citus_mitmproxy_returns_the_error_line_of_a_bad_command(db, channel):
+    assert _rows(db, "SELECT * FROM citus.mitmproxy(%s)", BAD_COMMAND) == [
+        (_error_of(BAD_COMMAND),)]
+
+
+def test_citus_backslashes_arrive_doubled_and_parse_like_the_original(db, channel):
+    # COPY doubles the backslash of \( ; the parser's string literals undo it.
+    rule = r'conn.onQuery(query="SELECT min\(latest_end_lsn\)").kill()'
+    assert _rows(db, "SELECT * FROM citus.mitmproxy(%s)", rule) == [("",)]
+    (installed,), = _rows(db, "SELECT * FROM citus.mitmproxy('test:rule')")
+    parsed = dsl.parse(installed.removeprefix("rule "))
+    assert parsed.steps[0].fields[0][1].pattern == r"SELECT min\(latest_end_lsn\)"
+
+
+def test_citus_dump_network_traffic_returns_typed_rows(db, channel):
+    db.execute("SELECT citus.mitmproxy('test:seed')")
+    rows = _rows(db, "SELECT * FROM citus.dump_network_traffic()")
+    assert rows == SEEDED_ROWS
+    assert _rows(db, "SELECT * FROM citus.dump_network_traffic()") == []
+
+
+def test_citus_clear_network_traffic_forgets_the_traffic(db, channel):
+    db.execute("SELECT citus.mitmproxy('conn.kill()')")
+    assert _rows(db, "SELECT citus.clear_network_traffic()::text") == [("",)]
+    assert _rows(db, "SELECT * FROM citus.dump_network_traffic()") == []
+
+
+# -- wirefault helpers ------------------------------------------------------------------------
+
+
+def test_wirefault_command_returns_empty_text_when_accepted(db, channel):
+    assert _rows(db, "SELECT wirefault.command('conn.kill()')") == [("",)]
+    # twice in one transaction: the helper's temporary table is reused
+    with db.transaction():
+        assert _rows(db, "SELECT wirefault.command('conn.allow()'), "
+                         "wirefault.command('conn.allow()')") == [("", "")]
+
+
+def test_wirefault_command_raises_the_proxy_error(db, channel):
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as info:
+        db.execute("SELECT wirefault.command(%s)", (BAD_COMMAND,))
+    assert info.value.diag.message_primary == f"wirefault: {_error_of(BAD_COMMAND)}"
+    assert _rows(db, "SELECT 1") == [(1,)]
+
+
+def test_wirefault_command_keeps_backslashes_in_the_error(db, channel):
+    bad = r'conn.onQuery(query="[\d-a]").kill()'
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as info:
+        db.execute("SELECT wirefault.command(%s)", (bad,))
+    # the error line, "bad regex '[\\d-a]': ...", comes back with its backslashes intact
+    assert info.value.diag.message_primary == f"wirefault: {_error_of(bad)}"
+    assert "\\\\d" in info.value.diag.message_primary
+
+
+def test_wirefault_traffic_and_clear_traffic(db, channel):
+    db.execute("SELECT wirefault.command('test:seed')")
+    assert _rows(db, "SELECT * FROM wirefault.traffic()") == SEEDED_ROWS
+    db.execute("SELECT wirefault.command('conn.kill()')")
+    assert _rows(db, "SELECT * FROM wirefault.traffic()") == [(0, "coordinator", "conn.kill()")]
+    db.execute("SELECT wirefault.command('conn.kill()')")
+    assert _rows(db, "SELECT wirefault.clear_traffic()::text") == [("",)]
+    assert _rows(db, "SELECT * FROM wirefault.traffic()") == []
+
+
+def test_wirefault_command_returns_dump_rows_as_copy_text(db, channel):
+    db.execute("SELECT wirefault.command('conn.kill()')")
+    db.execute("SELECT wirefault.command('conn.allow()')")
+    (text,), = _rows(db, "SELECT wirefault.command('recorder.dump()')")
+    assert text == "0\tcoordinator\tconn.kill()\n1\tcoordinator\tconn.allow()"
+
+
+def test_wirefault_command_gives_up_after_the_timeout_without_a_proxy(db, fifo):
+    db.execute("SET wirefault.timeout = 2")
+    started = time.monotonic()
+    with pytest.raises(psycopg.errors.ConnectionFailure) as info:
+        db.execute("SELECT wirefault.command('conn.allow()')")
+    elapsed = time.monotonic() - started
+    assert 1.9 <= elapsed < 3.5
+    assert str(fifo) in info.value.diag.message_primary
+    assert "within 2 s" in info.value.diag.message_primary
+    assert _rows(db, "SELECT 1") == [(1,)]
+
+
+def test_wirefault_command_reports_a_missing_fifo_at_once(db, fifo):
+    db.execute("SELECT set_config('wirefault.fifo', %s, false)", (str(fifo) + ".missing",))
+    started = time.monotonic()
+    with pytest.raises(psycopg.errors.ConnectionFailure, match="is not a FIFO"):
+        db.execute("SELECT wirefault.command('conn.allow()')")
+    assert time.monotonic() - started < 1.5
+
+
+def test_wirefault_settings_are_checked(db):
+    db.execute("SET wirefault.timeout = 'soon'")
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match=r"wirefault\.timeout"):
+        db.execute("SELECT wirefault.command('conn.allow()')")
+    db.execute("RESET wirefault.timeout")
+    db.execute("RESET wirefault.fifo")
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="no FIFO configured"):
+        db.execute("SELECT wirefault.command('conn.allow()')")
+
+
+def test_concurrent_backends_each_get_their_own_reply(pg, helpers_loaded, fifo, channel):
+    replies: dict[str, str] = {}
+    failures: list[BaseException] = []
+
+    def backend(number: int) -> None:
+        try:
+            with pg.connect(autocommit=True) as conn:
+                conn.execute("SELECT set_config('wirefault.fifo', %s, false)", (str(fifo),))
+                for i in range(5):
+                    tag = f"b{number}-{i}"
+                    try:
+                        conn.execute("SELECT wirefault.command(%s)", (f"test:echo {tag}",))
+                    except psycopg.errors.InvalidParameterValue as exc:
+                        replies[tag] = exc.diag.message_primary or ""
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=backend, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not failures
+    assert replies == {f"b{n}-{i}": f"wirefault: echo b{n}-{i}" for n in range(4)
+                       for i in range(5)}
+
+
+# -- privileges -------------------------------------------------------------------------------
+
+TEST_ROLE = "wirefault_test_role"
+PUBLIC_FUNCTIONS = ("wirefault.command(text)", "wirefault.traffic()",
+                    "wirefault.clear_traffic()")
+
+
+def test_unprivileged_roles_need_the_documented_security_definer_setup(pg, helpers_loaded,
+                                                                        fifo, channel):
+    with pg.connect(autocommit=True) as admin:
+        admin.execute(f"DROP ROLE IF EXISTS {TEST_ROLE}")
+        admin.execute(f"CREATE ROLE {TEST_ROLE} LOGIN")
+        admin.execute(f"GRANT USAGE ON SCHEMA wirefault TO {TEST_ROLE}")
+        try:
+            with pg.connect(autocommit=True) as user:
+                user.execute(f"SET ROLE {TEST_ROLE}")
+                user.execute("SELECT set_config('wirefault.fifo', %s, false)", (str(fifo),))
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    user.execute("SELECT wirefault.command('conn.allow()')")
+                for function in PUBLIC_FUNCTIONS:  # the recipe of docs/client.md
+                    admin.execute(f"ALTER FUNCTION {function} SECURITY DEFINER "
+                                  f"SET wirefault.fifo = '{fifo}'")
+                user.execute("SELECT set_config('wirefault.fifo', '/etc/passwd', false)")
+                assert _rows(user, "SELECT wirefault.command('conn.kill()')") == [("",)]
+                assert _rows(user, "SELECT * FROM wirefault.traffic()") == [
+                    (0, "coordinator", "conn.kill()")]
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):  # the inner one
+                    user.execute("SELECT wirefault._exchange('conn.allow()', false)")
+        finally:
+            admin.execute((SQL_DIR / "wirefault.sql").read_text())  # undo the ALTERs
+            admin.execute(f"DROP OWNED BY {TEST_ROLE}")
+            admin.execute(f"DROP ROLE {TEST_ROLE}")
+        assert _rows(admin, "SELECT bool_or(prosecdef), count(proconfig) FROM pg_proc "
+                            "WHERE pronamespace = 'wirefault'::regnamespace") == [(False, 0)]
