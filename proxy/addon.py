@@ -30,6 +30,16 @@ DEFAULT_RULE = "conn.allow()"
 DEFAULT_LABELS = "coordinator,worker"
 
 
+def _seconds(option: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"option {option}: not a number of seconds: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"option {option}: must be a non-negative number of seconds")
+    return value
+
+
 class WirefaultAddon:
     def __init__(self) -> None:
         self.runtime: ProxyRuntime | None = None
@@ -44,14 +54,15 @@ class WirefaultAddon:
         loader.add_option("slug", str, DEFAULT_RULE, "The rule in force at start.")
         loader.add_option("protocol", str, "postgres",
                           f"Wire protocol to frame: {', '.join(protocols.names())}.")
-        loader.add_option("kill_grace", float, DEFAULT_KILL_GRACE,
+        # mitmproxy's --set parses no float options, so durations are strings of seconds.
+        loader.add_option("kill_grace", str, str(DEFAULT_KILL_GRACE),
                           "Seconds kill() waits for the killed side to close before closing "
                           "the other side anyway.")
         loader.add_option("recorder_limit", int, DEFAULT_LIMIT,
                           "Frames the recorder keeps; older ones are dropped and counted.")
         loader.add_option("source_labels", str, DEFAULT_LABELS,
                           "Recorder labels for client and server frames, comma-separated.")
-        loader.add_option("fifo_reply_timeout", float, 10.0,
+        loader.add_option("fifo_reply_timeout", str, "10.0",
                           "Seconds to wait for a FIFO client to read its reply.")
         loader.add_option("max_frame", int, 0,
                           "Largest frame accepted, in bytes (0: the protocol's default).")
@@ -85,7 +96,7 @@ class WirefaultAddon:
                 limit=opts.recorder_limit,
                 client_label=client_label.strip() or "coordinator",
                 server_label=server_label.strip() or "worker",
-                kill_grace=opts.kill_grace,
+                kill_grace=_seconds("kill_grace", opts.kill_grace),
                 max_frame=opts.max_frame or None,
                 make_flows=opts.wirefault_flows,
                 abort_with_rst=self._abort_with_rst,
@@ -125,7 +136,7 @@ class WirefaultAddon:
 
             self.channel = CommandChannel(
                 ctx.options.fifo, self.handle_command,
-                reply_timeout=ctx.options.fifo_reply_timeout,
+                reply_timeout=_seconds("fifo_reply_timeout", ctx.options.fifo_reply_timeout),
             )
             self.channel.start()
             logger.info("wirefault: listening for commands on %s", ctx.options.fifo)

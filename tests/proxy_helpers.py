@@ -120,6 +120,8 @@ def running_proxy(
         deadline = time.monotonic() + 10
         while not os.path.exists(fifo) and time.monotonic() < deadline:
             time.sleep(0.02)
+        if process.poll() is not None:
+            raise RuntimeError(f"proxy exited with {process.returncode}")
         yield proxy
     except Exception:
         print(proxy.log(), file=sys.stderr)

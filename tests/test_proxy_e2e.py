@@ -229,12 +229,23 @@ def test_bad_command_gets_its_error_and_the_rule_stays(proxy, pg, control):
         c.execute("SELECT 'doomed'")
 
 
+def open_fifo_writer(path: str, timeout: float = 5.0) -> int:
+    """Open for writing once the proxy listens (it closes the FIFO while it replies)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def test_dead_fifo_writer_and_reader_do_not_stop_the_proxy(proxy, pg, control):
     # a writer that opens and closes without writing
-    fd = os.open(proxy.fifo, os.O_WRONLY | os.O_NONBLOCK)
-    os.close(fd)
+    os.close(open_fifo_writer(proxy.fifo))
     # a writer whose reply is never read
-    fd = os.open(proxy.fifo, os.O_WRONLY | os.O_NONBLOCK)
+    fd = open_fifo_writer(proxy.fifo)
     os.write(fd, b"conn.allow()\n")
     os.close(fd)
     with through(proxy, pg, autocommit=True) as c:

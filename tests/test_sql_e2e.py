@@ -1,0 +1,78 @@
+"""The SQL helpers driving the real proxy from inside the real PostgreSQL server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from fifo_helpers import fifo_dir, make_fifo
+from proxy_helpers import RunningProxy, running_proxy
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+
+
+@pytest.fixture(scope="module")
+def proxy(pg) -> Iterator[RunningProxy]:
+    with fifo_dir() as directory:
+        fifo = make_fifo(directory / "proxy.fifo", for_postgres=True)
+        with running_proxy(pg.port, fifo=str(fifo)) as running:
+            yield running
+
+
+@pytest.fixture
+def db(pg, proxy) -> Iterator[psycopg.Connection]:
+    with pg.connect(autocommit=True) as conn:
+        for name in ("citus_helpers.sql", "wirefault.sql"):
+            conn.execute((SQL_DIR / name).read_text())
+        conn.execute("SELECT set_config('citus.mitmfifo', %s, false)", (proxy.fifo,))
+        conn.execute("SELECT set_config('wirefault.fifo', %s, false)", (proxy.fifo,))
+        conn.execute("SELECT citus.mitmproxy('conn.allow()')")
+        conn.execute("SELECT citus.clear_network_traffic()")
+        yield conn
+        conn.execute("SELECT citus.mitmproxy('conn.allow()')")
+
+
+def test_citus_mitmproxy_arms_a_fault_that_another_connection_hits(db, pg, proxy):
+    rows = db.execute(
+        """SELECT * FROM citus.mitmproxy('conn.onQuery(query="^SELECT 1$").kill()')"""
+    ).fetchall()
+    assert rows == [("",)]
+    with (pg.connect(port=proxy.port, autocommit=True) as victim,
+          pytest.raises(psycopg.OperationalError)):
+        victim.execute("SELECT 1")
+    assert db.execute("SELECT * FROM citus.mitmproxy('conn.allow()')").fetchall() == [("",)]
+    with pg.connect(port=proxy.port) as fine:
+        assert fine.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_citus_mitmproxy_returns_the_error_row_of_a_bad_command(db):
+    (row,) = db.execute("SELECT * FROM citus.mitmproxy('conn.onQury().kill()')").fetchall()
+    assert row[0].startswith("column 6: unknown message type 'Qury'")
+
+
+def test_citus_dump_and_clear_network_traffic(db, pg, proxy):
+    with pg.connect(port=proxy.port, autocommit=True) as c:
+        c.execute("SELECT 'dumped'")
+    rows = db.execute("SELECT * FROM citus.dump_network_traffic()").fetchall()
+    assert (0, "coordinator", "Query(query=SELECT 'dumped')") in rows
+    assert all(isinstance(conn, int) for conn, _, _ in rows)
+    with pg.connect(port=proxy.port, autocommit=True) as c:
+        c.execute("SELECT 'cleared'")
+    db.execute("SELECT citus.clear_network_traffic()")
+    assert db.execute("SELECT * FROM citus.dump_network_traffic()").fetchall() == []
+
+
+def test_wirefault_command_raises_on_a_bad_command_and_arms_a_good_one(db, pg, proxy):
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="Qury"):
+        db.execute("SELECT wirefault.command('conn.onQury().kill()')")
+    db.execute("""SELECT wirefault.command('conn.onQuery(query="^SELECT 2$").kill()')""")
+    with (pg.connect(port=proxy.port, autocommit=True) as victim,
+          pytest.raises(psycopg.OperationalError)):
+        victim.execute("SELECT 2")
+    db.execute("SELECT wirefault.clear_traffic()")
+    with pg.connect(port=proxy.port, autocommit=True) as c:
+        c.execute("SELECT 'via wirefault.traffic'")
+    rows = db.execute("SELECT message FROM wirefault.traffic() WHERE conn = 0").fetchall()
+    assert ("Query(query=SELECT 'via wirefault.traffic')",) in rows
