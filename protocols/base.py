@@ -104,7 +104,7 @@ class Frame:
             return f"{PROTOCOL_ERROR}(error={self.error})"
         if self.spec is None:
             return f"{self.type}(length={len(self.data)})"
-        inner = ", ".join(f"{k}={text_of(v)}" for k, v in self.fields.items())
+        inner = ", ".join(f"{k}={printable(text_of(v))}" for k, v in self.fields.items())
         return f"{self.type}({inner})"
 
     def __repr__(self) -> str:
@@ -125,6 +125,16 @@ def text_of(value: Any) -> str:
     if isinstance(value, list | tuple):
         return "[" + ", ".join(text_of(v) for v in value) + "]"
     return str(value)
+
+
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c not in (9, 10, 13)}
+
+
+def printable(text: str) -> str:
+    """`text` with control characters (NUL included) shown as `\\xNN`, for readable dumps.
+
+    Tab, newline and carriage return stay: the recorder's COPY escaping shows them."""
+    return text.translate(_CONTROL_ESCAPES)
 
 
 class Framer(Protocol):

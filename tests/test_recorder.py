@@ -75,3 +75,10 @@ def test_terminate_frames_are_left_out():
     rec = Recorder()
     rec.record(RecorderSlot(), Frame("Terminate", b"X\0\0\0\4", (0, 5), True, None))
     assert rec.dump() == ""
+
+
+def test_control_bytes_are_shown_escaped_so_copy_can_load_them():
+    rec = Recorder()
+    rec.record(RecorderSlot(), data_frame(b"a\x00b\x01"))
+    # printable() shows \x00 as four characters; COPY escaping then doubles the backslash
+    assert rec.dump() == "0\tcoordinator\tData(data=a\\\\x00b\\\\x01)"
