@@ -255,3 +255,19 @@ def test_dead_fifo_writer_and_reader_do_not_stop_the_proxy(proxy, pg, control):
     assert time.monotonic() - started < 25
     with through(proxy, pg, autocommit=True) as c, pytest.raises(psycopg.OperationalError):
         c.execute("SELECT 'after-dead'")
+
+
+def test_flows_option_keeps_faults_working(pg, table):
+    """--flows creates mitmproxy flows and fires tcp_* hooks; faults still act per frame."""
+    rule = 'conn.onQuery(query="^COMMIT").kill()'
+    with running_proxy(pg.port, rule=rule, extra_args=["--flows"]) as flows_proxy:
+        conn = pg.connect(port=flows_proxy.port)
+        conn.execute(f"INSERT INTO {table} VALUES (1)")
+        with pytest.raises(psycopg.OperationalError):
+            conn.commit()
+        conn.close()
+        FaultProxy(flows_proxy.fifo).allow()
+        with pg.connect(port=flows_proxy.port) as c:
+            c.execute(f"INSERT INTO {table} VALUES (2)")
+    with pg.connect() as direct:
+        assert direct.execute(f"SELECT array_agg(v) FROM {table}").fetchone() == ([2],)
