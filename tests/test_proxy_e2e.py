@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -271,3 +272,16 @@ def test_flows_option_keeps_faults_working(pg, table):
             c.execute(f"INSERT INTO {table} VALUES (2)")
     with pg.connect() as direct:
         assert direct.execute(f"SELECT array_agg(v) FROM {table}").fetchone() == ([2],)
+
+
+def test_a_malformed_frame_breaks_nothing_else(proxy, pg, control):
+    with through(proxy, pg, autocommit=True) as bystander:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+            s.sendall(b"\x00\x00\x00\x02garbage that is no startup message")
+            s.settimeout(5)
+            with contextlib.suppress(OSError):
+                while s.recv(4096):
+                    pass
+        assert bystander.execute("SELECT 'still fine'").fetchone() == ("still fine",)
+    rows = [r.message for r in control.dump()]
+    assert any(m.startswith("ProtocolError(") for m in rows), rows
