@@ -1,0 +1,221 @@
+"""The listeners a benchmark measures, each in front of the same throwaway PostgreSQL.
+
+Every target is started fresh for each measurement and stopped right after, so no run
+inherits another's state (a full recorder, a grown heap) and memory figures start clean.
+Each process gets its own session (process group): stopping it signals the whole group,
+and `stop_all` ends whatever is still running when the harness exits or is interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pgserver import PostgresServer, free_port
+from proxy_helpers import wait_for_port
+
+VENV_BIN = Path(sys.executable).parent
+NEVER_FIRING_RULE = 'conn.onQuery(query="^NEVER").kill()'
+ALLOW_RULE = "conn.allow()"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    kind: str
+    """direct, mitmdump, wirefault or haproxy."""
+    rule: str | None = None
+    description: str = ""
+
+    @property
+    def has_proxy_process(self) -> bool:
+        return self.kind != "direct"
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("direct", "direct", description="the PostgreSQL server itself"),
+    Target("mitmdump", "mitmdump",
+           description="plain mitmdump --rawtcp reverse mode, no script (the mitmproxy floor)"),
+    Target("wirefault-armed", "wirefault", NEVER_FIRING_RULE,
+           description=f"wirefault with {NEVER_FIRING_RULE} (a rule that never fires)"),
+    Target("wirefault-allow", "wirefault", ALLOW_RULE,
+           description=f"wirefault with {ALLOW_RULE}"),
+    Target("haproxy", "haproxy",
+           description="HAProxy mode tcp, one thread (the relay reference)"),
+)
+
+
+@dataclass
+class Listener:
+    """A started target: where clients connect and, for proxies, the process to watch."""
+
+    target: Target
+    port: int
+    pid: int | None
+
+
+_running: dict[int, subprocess.Popen] = {}
+"""Processes started here and not yet stopped, by pid."""
+
+
+def _stop(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    _running.pop(process.pid, None)
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def stop_all() -> None:
+    """Stop every process this module started that is still running."""
+    for process in list(_running.values()):
+        _stop(process, timeout=5.0)
+
+
+def _log_tail(path: str, chars: int = 2000) -> str:
+    with contextlib.suppress(OSError), open(path, errors="replace") as f:
+        return f.read()[-chars:]
+    return ""
+
+
+@contextlib.contextmanager
+def _process(command: list[str], port: int, workdir: str) -> Iterator[subprocess.Popen]:
+    """Run `command` in its own session until it listens on `port`; stop it on exit."""
+    log_path = os.path.join(workdir, "target.log")
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    _running[process.pid] = process
+    try:
+        try:
+            wait_for_port(port, process, timeout=30.0)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"{command[0]} did not start: {exc}\n{_log_tail(log_path)}") \
+                from None
+        yield process
+    finally:
+        _stop(process)
+
+
+def _mitmdump_command(port: int, upstream: int) -> list[str]:
+    return [str(VENV_BIN / "mitmdump"), "--rawtcp", "-p", str(port),
+            "--listen-host", "127.0.0.1", "--mode", f"reverse:tcp://127.0.0.1:{upstream}",
+            "--set", "flow_detail=0", "--set", "termlog_verbosity=warn",
+            "--set", "connection_strategy=lazy"]
+
+
+def _wirefault_command(port: int, upstream: int, rule: str) -> list[str]:
+    return [sys.executable, "-m", "wirefault.proxy.runner", "--listen", f"127.0.0.1:{port}",
+            "--upstream", f"127.0.0.1:{upstream}", "--protocol", "postgres", "--rule", rule]
+
+
+HAPROXY_CONFIG = """\
+global
+    maxconn 4096
+    nbthread 1
+
+defaults
+    mode tcp
+    maxconn 4096
+    timeout connect 10s
+    timeout client 1h
+    timeout server 1h
+
+frontend bench
+    bind 127.0.0.1:{port}
+    default_backend postgres
+
+backend postgres
+    server pg 127.0.0.1:{upstream}
+"""
+
+
+def haproxy_binary() -> str | None:
+    return shutil.which("haproxy") or next(
+        (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if os.path.exists(p)), None)
+
+
+def ensure_haproxy() -> tuple[str | None, str]:
+    """HAProxy's path and a note; installs Debian's package when root and it is missing."""
+    found = haproxy_binary()
+    if found:
+        return found, "installed"
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return None, "haproxy not installed (not root, so not installed by the harness)"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "-q", "haproxy"]
+    for attempt in range(2):
+        if attempt:  # an empty or stale package list is the usual reason the first try fails
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
+        result = subprocess.run(install, env=env, capture_output=True, text=True)
+        found = haproxy_binary()
+        if result.returncode == 0 and found:
+            return found, "installed by the harness (apt-get install haproxy)"
+    return None, f"haproxy skipped: apt-get install failed: {result.stderr.strip()[-300:]}"
+
+
+def haproxy_version(binary: str) -> str:
+    result = subprocess.run([binary, "-v"], capture_output=True, text=True)
+    first = result.stdout.splitlines()[0] if result.stdout else "unknown"
+    return first.split(" - ", 1)[0]  # drop the project's web address that follows
+
+
+@contextlib.contextmanager
+def started(target: Target, pg: PostgresServer, haproxy: str | None = None
+            ) -> Iterator[Listener]:
+    """`target` listening in front of `pg` until the block ends."""
+    if target.kind == "direct":
+        yield Listener(target, pg.port, None)
+        return
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix=f"wirefault-bench-{target.name}-")
+    try:
+        if target.kind == "mitmdump":
+            command = _mitmdump_command(port, pg.port)
+        elif target.kind == "wirefault":
+            command = _wirefault_command(port, pg.port, target.rule or ALLOW_RULE)
+        elif target.kind == "haproxy":
+            if haproxy is None:
+                raise RuntimeError("haproxy is not installed")
+            config = os.path.join(workdir, "haproxy.cfg")
+            with open(config, "w") as f:
+                f.write(HAPROXY_CONFIG.format(port=port, upstream=pg.port))
+            command = [haproxy, "-db", "-f", config]
+        else:
+            raise ValueError(f"unknown target kind {target.kind}")
+        with _process(command, port, workdir) as process:
+            yield Listener(target, port, process.pid)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of `pid`, in KiB."""
+    wanted = {"VmRSS:": "rss", "VmHWM:": "hwm"}
+    found: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key = wanted.get(line.split(":", 1)[0] + ":")
+            if key:
+                found[key] = int(line.split()[1])
+    return found
+
+
+def settle(seconds: float) -> None:
+    """Let a proxy finish closing connections before its memory is read."""
+    time.sleep(seconds)
