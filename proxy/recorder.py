@@ -1,16 +1,19 @@
 """The recorder: every frame that crosses the proxy, in a bounded ring buffer.
 
-Rendering a frame decodes its fields, which is costly, so small frames are kept as they are
-and rendered only when dumped; large ones are rendered (and truncated) at once so the buffer
-never pins large payloads.
+Rendering a frame decodes its fields, which is costly, so a small frame is kept as a flat
+tuple (connection number, direction, type name, bytes) and rendered only when dumped; a
+large one, or one without a message spec, is rendered (and truncated) at once so the buffer
+never pins large payloads. Flat tuples of strings and bytes are not tracked by Python's
+garbage collector, so a full ring costs nothing per collection.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from wirefault.protocols import Frame
+from wirefault.protocols import Frame, MessageSpec
 
 DEFAULT_LIMIT = 100_000
 KEEP_FRAME_BYTES = 2048
@@ -37,14 +40,6 @@ def render_frame(frame: Frame) -> str:
     return text
 
 
-@dataclass(frozen=True, slots=True)
-class _Rendered:
-    """A large frame, rendered when recorded so its payload is not kept."""
-
-    from_client: bool
-    text: str
-
-
 @dataclass(slots=True)
 class RecorderSlot:
     """A connection's numbering within the current recording epoch."""
@@ -59,11 +54,14 @@ class Recorder:
         limit: int = DEFAULT_LIMIT,
         client_label: str = "coordinator",
         server_label: str = "worker",
+        messages: Mapping[str, MessageSpec] | None = None,
     ) -> None:
         self.limit = limit
+        self.messages = messages or {}
         self.client_label = client_label
         self.server_label = server_label
-        self._rows: deque[tuple[int, Frame | _Rendered]] = deque(maxlen=limit)
+        # (number, from_client, type name or None when `payload` is already rendered, payload)
+        self._rows: deque[tuple[int, bool, str | None, bytes | str]] = deque(maxlen=limit)
         self._count = 0
         """Frames recorded since the last dump or reset; those beyond `limit` were dropped."""
         self._epoch = 0
@@ -80,10 +78,10 @@ class Recorder:
         if frame.type in SKIPPED_TYPES:
             return
         self._count += 1
-        if len(frame.data) <= KEEP_FRAME_BYTES:
-            self._rows.append((slot.number, frame))
+        if frame.spec is not None and len(frame.data) <= KEEP_FRAME_BYTES:
+            self._rows.append((slot.number, frame.from_client, frame.type, frame.data))
         else:
-            self._rows.append((slot.number, _Rendered(frame.from_client, render_frame(frame))))
+            self._rows.append((slot.number, frame.from_client, None, render_frame(frame)))
 
     def reset(self) -> None:
         """Forget everything and restart connection numbers at 0."""
@@ -100,10 +98,16 @@ class Recorder:
             lines.append(
                 f"-1\trecorder\t{dropped} frames dropped (ring buffer limit {self.limit})"
             )
-        for number, item in self._rows:
-            source = self.client_label if item.from_client else self.server_label
-            message = item.text if isinstance(item, _Rendered) else render_frame(item)
-            lines.append(f"{number}\t{source}\t{copy_escape(message)}")
+        for number, from_client, type_name, payload in self._rows:
+            source = self.client_label if from_client else self.server_label
+            if type_name is None:
+                message = payload
+            else:
+                data = payload
+                frame = Frame(type_name, data, (0, len(data)), from_client,  # type: ignore[arg-type]
+                              self.messages.get(type_name))
+                message = render_frame(frame)
+            lines.append(f"{number}\t{source}\t{copy_escape(message)}")  # type: ignore[arg-type]
         self._rows.clear()
         self._count = 0
         return "\n".join(lines)

@@ -49,6 +49,6 @@ class ProxyRuntime:
         return cls(
             protocol=protocol,
             engine=RuleEngine(protocol, rule),
-            recorder=Recorder(**recorder_options),
+            recorder=Recorder(messages=protocol.messages, **recorder_options),
             **options,
         )

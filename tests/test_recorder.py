@@ -5,7 +5,8 @@ from __future__ import annotations
 from wirefault.protocols import Frame, get
 from wirefault.proxy.recorder import KEEP_FRAME_BYTES, Recorder, RecorderSlot, copy_escape
 
-RAW = get("raw").messages["Data"]
+RAW_PROTOCOL = get("raw")
+RAW = RAW_PROTOCOL.messages["Data"]
 
 
 def data_frame(payload: bytes, from_client: bool = True) -> Frame:
@@ -13,7 +14,7 @@ def data_frame(payload: bytes, from_client: bool = True) -> Frame:
 
 
 def test_rows_are_copy_text_with_numbers_in_order_of_first_frame():
-    rec = Recorder()
+    rec = Recorder(messages=RAW_PROTOCOL.messages)
     a, b = RecorderSlot(), RecorderSlot()
     rec.record(b, data_frame(b"first", True))
     rec.record(a, data_frame(b"second", False))
@@ -27,7 +28,7 @@ def test_rows_are_copy_text_with_numbers_in_order_of_first_frame():
 
 
 def test_reset_restarts_numbering_and_forgets_rows():
-    rec = Recorder()
+    rec = Recorder(messages=RAW_PROTOCOL.messages)
     a, b = RecorderSlot(), RecorderSlot()
     rec.record(a, data_frame(b"x"))
     rec.record(b, data_frame(b"y"))
@@ -37,7 +38,7 @@ def test_reset_restarts_numbering_and_forgets_rows():
 
 
 def test_labels_are_configurable():
-    rec = Recorder(client_label="source", server_label="sink")
+    rec = Recorder(client_label="source", server_label="sink", messages=RAW_PROTOCOL.messages)
     rec.record(RecorderSlot(), data_frame(b"x", True))
     rec.record(RecorderSlot(), data_frame(b"y", False))
     assert [row.split("\t")[1] for row in rec.dump().splitlines()] == ["source", "sink"]
@@ -45,13 +46,13 @@ def test_labels_are_configurable():
 
 def test_copy_escaping():
     assert copy_escape("a\\b\tc\nd\re") == "a\\\\b\\tc\\nd\\re"
-    rec = Recorder()
+    rec = Recorder(messages=RAW_PROTOCOL.messages)
     rec.record(RecorderSlot(), data_frame(b"tab\there\\"))
     assert rec.dump() == "0\tcoordinator\tData(data=tab\\there\\\\)"
 
 
 def test_ring_buffer_is_bounded_and_reports_drops_first():
-    rec = Recorder(limit=10)
+    rec = Recorder(limit=10, messages=RAW_PROTOCOL.messages)
     slot = RecorderSlot()
     for i in range(25):
         rec.record(slot, data_frame(str(i).encode()))
@@ -62,7 +63,7 @@ def test_ring_buffer_is_bounded_and_reports_drops_first():
 
 
 def test_large_frames_are_rendered_at_once_and_truncated():
-    rec = Recorder()
+    rec = Recorder(messages=RAW_PROTOCOL.messages)
     payload = b"x" * (KEEP_FRAME_BYTES * 10)
     rec.record(RecorderSlot(), data_frame(payload))
     row = rec.dump()
@@ -72,13 +73,23 @@ def test_large_frames_are_rendered_at_once_and_truncated():
 
 
 def test_terminate_frames_are_left_out():
-    rec = Recorder()
+    rec = Recorder(messages=RAW_PROTOCOL.messages)
     rec.record(RecorderSlot(), Frame("Terminate", b"X\0\0\0\4", (0, 5), True, None))
     assert rec.dump() == ""
 
 
 def test_control_bytes_are_shown_escaped_so_copy_can_load_them():
-    rec = Recorder()
+    rec = Recorder(messages=RAW_PROTOCOL.messages)
     rec.record(RecorderSlot(), data_frame(b"a\x00b\x01"))
     # printable() shows \x00 as four characters; COPY escaping then doubles the backslash
     assert rec.dump() == "0\tcoordinator\tData(data=a\\\\x00b\\\\x01)"
+
+
+def test_a_full_ring_gives_the_garbage_collector_nothing_to_traverse():
+    import gc
+
+    rec = Recorder(messages=RAW_PROTOCOL.messages)
+    for i in range(100):
+        rec.record(RecorderSlot(), data_frame(str(i).encode()))
+    gc.collect()
+    assert not any(gc.is_tracked(row) for row in rec._rows)
