@@ -53,6 +53,7 @@ class FastRelay:
     """Owns both transports of one connection until both sides are closed.
 
     `handle_event(event)` is the layer's event entry point (returns its commands);
+    `relay_read(from_client, data)` its shortcut for reads (the bytes to forward, or commands);
     `on_activity` keeps mitmproxy's idle watchdog informed; `on_finished` hands the
     connection back to mitmproxy for its own cleanup once both sides are closed.
     """
@@ -60,16 +61,23 @@ class FastRelay:
     def __init__(
         self,
         handle_event: Callable[[events.Event], Iterable[commands.Command]],
+        relay_read: Callable[[bool, bytes], bytes | list[commands.Command]],
+        client: Connection,
         transports: dict[Connection, asyncio.Transport],
         on_activity: Callable[[], None],
         on_finished: Callable[[], None],
     ) -> None:
         self.handle_event = handle_event
+        self.relay_read = relay_read
+        self.client = client
         self.transports = transports
         self.on_activity = on_activity
         self.on_finished = on_finished
         self.finished = False
         self.sides = {conn: _Side(self, conn, t) for conn, t in transports.items()}
+        first, second = transports
+        self.peer = {first: second, second: first}
+        self.peer_transport = {first: transports[second], second: transports[first]}
         self._timers: set[asyncio.TimerHandle] = set()
 
     def start(self) -> None:
@@ -82,7 +90,12 @@ class FastRelay:
 
     def data_received(self, connection: Connection, data: bytes) -> None:
         self.on_activity()
-        self.execute(self.handle_event(events.DataReceived(connection, data)))
+        out = self.relay_read(connection is self.client, data)
+        if type(out) is bytes:
+            if out and self.peer[connection].state & ConnectionState.CAN_WRITE:
+                self.peer_transport[connection].write(out)
+        else:
+            self.execute(out)  # type: ignore[arg-type]
 
     def eof_received(self, connection: Connection) -> None:
         connection.state &= ~ConnectionState.CAN_READ
@@ -112,7 +125,8 @@ class FastRelay:
         for command in cmds:
             if type(command) is commands.SendData:
                 transport = self.transports.get(command.connection)
-                if transport is not None and not transport.is_closing():
+                if (transport is not None and not transport.is_closing()
+                        and command.connection.state & ConnectionState.CAN_WRITE):
                     transport.write(command.data)
             elif isinstance(command, commands.CloseTcpConnection) and command.half_close:
                 self._half_close(command.connection)

@@ -9,7 +9,6 @@ A hold (cancel, connect_delay) pauses this connection alone with a `RequestWakeu
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
 
 from mitmproxy import tcp
 from mitmproxy.connection import Connection, ConnectionState
@@ -53,6 +52,7 @@ class WirefaultLayer(layer.Layer):
         self.hold: commands.RequestWakeup | None = None
         self.grace: commands.RequestWakeup | None = None
         self.dead = False
+        self.relaying = False
         self.fast_relay: FastRelay | None = None
         self.flow = (
             tcp.TCPFlow(context.client, context.server, True) if runtime.make_flows else None
@@ -66,6 +66,7 @@ class WirefaultLayer(layer.Layer):
     def start(self, event: events.Event) -> layer.CommandGenerator[None]:
         assert isinstance(event, events.Start)
         self._handle_event = self.relay  # type: ignore[method-assign]
+        self.relaying = True
         if self.flow:
             yield TcpStartHook(self.flow)
         if self.context.server.timestamp_start is None:
@@ -75,6 +76,7 @@ class WirefaultLayer(layer.Layer):
                     self.flow.error = tcp.flow.Error(str(err))  # type: ignore[attr-defined]
                 yield commands.CloseConnection(self.context.client)
                 self._handle_event = self.done  # type: ignore[method-assign]
+                self.relaying = False
                 return
         if self.runtime.fast_path and not self.flow:
             self._take_fast_path()
@@ -84,7 +86,9 @@ class WirefaultLayer(layer.Layer):
         if taken is None:
             return
         transports, on_activity, release = taken
-        self.fast_relay = FastRelay(self.handle_event, transports, on_activity, release)
+        self.fast_relay = FastRelay(
+            self.handle_event, self.relay_read, self.context.client, transports,
+            on_activity, release)
         self.fast_relay.start()
 
     def done(self, event: events.Event) -> layer.CommandGenerator[None]:
@@ -116,20 +120,37 @@ class WirefaultLayer(layer.Layer):
             return
         if self.flow:
             yield from self._fire_message_hook(from_client, data)
+        out = self._frame_and_judge(from_client, data)
+        if type(out) is bytes:
+            if out:
+                yield commands.SendData(self._destination(from_client), out)
+        else:
+            yield from out  # type: ignore[misc]
+
+    def relay_read(self, from_client: bool, data: bytes) -> bytes | list[commands.Command]:
+        """The fast path's entry for one read: the bytes to forward to the other side when
+        no frame triggers anything, else the commands to carry out."""
+        if self.dead or not self.relaying:
+            return b""
+        return self._frame_and_judge(from_client, data)
+
+    def _frame_and_judge(self, from_client: bool, data: bytes) -> bytes | list[commands.Command]:
         framer = self._client_framer if from_client else self._server_framer
         carried = framer.buffered
         frames = framer.feed(data)
         if self.hold or self.backlog:
             self.backlog.extend(frames)
-            return
+            return b""
         whole = data if carried == 0 and framer.buffered == 0 else None
-        yield from self._judge(frames, from_client, whole)
+        return self._judge(frames, from_client, whole)
 
     def _judge(
         self, frames: list[Frame], from_client: bool, whole_read: bytes | None
-    ) -> Iterable[commands.Command]:
-        """Record and decide each frame of one direction; forward those that pass."""
-        dest = self.context.server if from_client else self.context.client
+    ) -> bytes | list[commands.Command]:
+        """Record and decide each frame of one direction.
+
+        Returns the bytes to forward when every frame passes (the read itself when it held
+        whole frames only), else the commands for the frame that triggered a fault."""
         decide = self.runtime.engine.decide
         record = self.runtime.recorder.record
         state = self.rule_state
@@ -140,12 +161,12 @@ class WirefaultLayer(layer.Layer):
             record(slot, frame)
             decision = decide(frame, state)
             if decision is not FORWARD:
-                return self._act(decision, frames, index, dest)
+                return self._act(decision, frames, index, self._destination(from_client))
         if whole_read is not None:
-            return (commands.SendData(dest, whole_read),)
-        if not frames:
-            return ()
-        return (commands.SendData(dest, b"".join([f.data for f in frames])),)
+            return whole_read
+        if len(frames) == 1:
+            return frames[0].data
+        return b"".join([f.data for f in frames])
 
     def _act(
         self, decision: Decision, frames: list[Frame], index: int, dest: Connection
@@ -157,7 +178,8 @@ class WirefaultLayer(layer.Layer):
         verdict = decision.verdict
         if verdict is Verdict.FORWARD:  # a Decision equal to FORWARD but not the singleton
             out.append(commands.SendData(dest, frames[index].data))
-            out.extend(self._judge(frames[index + 1:], frames[index].from_client, None))
+            out.extend(self._as_commands(
+                self._judge(frames[index + 1:], frames[index].from_client, None), dest))
         elif verdict is Verdict.HOLD:
             self.hold = commands.RequestWakeup(decision.delay)
             self.backlog.extendleft(reversed(frames[index:]))
@@ -178,7 +200,17 @@ class WirefaultLayer(layer.Layer):
             if isinstance(item, _Closed):
                 yield from self._on_closed(item.connection)
             else:
-                yield from self._judge([item], item.from_client, None)
+                yield from self._as_commands(
+                    self._judge([item], item.from_client, None),
+                    self._destination(item.from_client))
+
+    @staticmethod
+    def _as_commands(
+        out: bytes | list[commands.Command], dest: Connection
+    ) -> list[commands.Command]:
+        if type(out) is bytes:
+            return [commands.SendData(dest, out)] if out else []
+        return out  # type: ignore[return-value]
 
     def _destination(self, from_client: bool) -> Connection:
         return self.context.server if from_client else self.context.client
@@ -215,6 +247,7 @@ class WirefaultLayer(layer.Layer):
 
     def _close_all(self) -> layer.CommandGenerator[None]:
         self._handle_event = self.done  # type: ignore[method-assign]
+        self.relaying = False
         for connection in (self.context.server, self.context.client):
             if connection.state is not ConnectionState.CLOSED:
                 yield commands.CloseConnection(connection)
