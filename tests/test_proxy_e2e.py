@@ -285,3 +285,22 @@ def test_a_malformed_frame_breaks_nothing_else(proxy, pg, control):
         assert bystander.execute("SELECT 'still fine'").fetchone() == ("still fine",)
     rows = [r.message for r in control.dump()]
     assert any(m.startswith("ProtocolError(") for m in rows), rows
+
+
+def test_bulk_copy_out_and_in_arrive_intact(proxy, pg, control, table):
+    query = "COPY (SELECT g, md5(g::text) FROM generate_series(1, 200000) g) TO STDOUT"
+
+    def copy_out(conn: psycopg.Connection) -> bytes:
+        with conn.cursor().copy(query) as copy:
+            return b"".join(bytes(block) for block in copy)
+
+    with pg.connect() as direct, through(proxy, pg) as proxied:
+        expected = copy_out(direct)
+        assert len(expected) > 6_000_000
+        assert copy_out(proxied) == expected
+        with proxied.cursor().copy(f"COPY {table} (v) FROM STDIN") as copy:
+            for line in expected.splitlines():
+                copy.write(line.split(b"\t")[0] + b"\n")
+        proxied.commit()
+        assert direct.execute(f"SELECT count(*), sum(v) FROM {table}").fetchone() == (
+            200000, 200000 * 200001 // 2)
