@@ -15,8 +15,6 @@ commands never import mitmproxy.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -29,7 +27,6 @@ FIFO_ENV = "WIREFAULT_FIFO"
 EXIT_OK = 0
 EXIT_REJECTED = 1
 EXIT_UNAVAILABLE = 2
-CHAOS_MODULE = "wirefault.fifo_client.chaos"
 
 _EXAMPLES = {
     "send": """example:
@@ -64,10 +61,9 @@ def _lazy_proxy(argv: list[str]) -> int:
 
 
 def _lazy_chaos(argv: list[str]) -> int:
-    if importlib.util.find_spec(CHAOS_MODULE) is None:
-        print("chaos: not available yet", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    return importlib.import_module(CHAOS_MODULE).main(argv)
+    from wirefault.fifo_client import chaos
+
+    return chaos.main(argv)
 
 
 LAZY_COMMANDS: dict[str, Callable[[list[str]], int]] = {
