@@ -191,13 +191,15 @@ def _write_all(fd: int, data: bytes, path: str, deadline: Deadline) -> None:
             poller.poll(deadline.poll_ms())
 
 
-def _unread_bytes(fd: int) -> int:
+def unread_bytes(fd: int) -> int:
+    """Bytes in the pipe's buffer not yet read by anyone (works on the write end too)."""
     count = array.array("i", [0])
     fcntl.ioctl(fd, termios.FIONREAD, count)
     return count[0]
 
 
-def _readers_gone(fd: int) -> bool:
+def readers_gone(fd: int) -> bool:
+    """True when the FIFO has no reader left: a write end then polls with POLLERR."""
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
     return any(mask & select.POLLERR for _, mask in poller.poll(0))
@@ -205,8 +207,8 @@ def _readers_gone(fd: int) -> bool:
 
 def _wait_consumed(fd: int, path: str, deadline: Deadline) -> None:
     backoff = Backoff(deadline)
-    while _unread_bytes(fd):
-        if _readers_gone(fd):
+    while unread_bytes(fd):
+        if readers_gone(fd):
             raise _unavailable(path, deadline, "the proxy closed the FIFO unread")
         if not backoff.wait():
             raise _unavailable(path, deadline, "the proxy did not read the command")

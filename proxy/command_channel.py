@@ -32,16 +32,14 @@ protocol can tell them apart.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import errno
-import fcntl
 import logging
 import os
-import select
 import stat
-import termios
 from collections.abc import Callable
+
+from wirefault.fifo_client.transport import readers_gone, unread_bytes
 
 READ_CHUNK = 64 * 1024
 WRITE_CHUNK = 64 * 1024
@@ -66,18 +64,6 @@ def ensure_fifo(path: str, mode: int = 0o600) -> None:
         raise FileExistsError(errno.EEXIST, "exists and is not a FIFO", path)
 
 
-def _unread_bytes(fd: int) -> int:
-    """Bytes in the pipe's buffer not yet read by anyone (works on the write end too)."""
-    count = array.array("i", [0])
-    fcntl.ioctl(fd, termios.FIONREAD, count)
-    return count[0]
-
-
-def _readers_gone(fd: int) -> bool:
-    """True when the FIFO has no reader left: a write end then polls with POLLERR."""
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    return any(mask & select.POLLERR for _, mask in poller.poll(0))
 
 
 def _one_line(text: str) -> str:
@@ -301,10 +287,10 @@ class CommandChannel:
         fd = self._write_fd
         if fd is None:
             return
-        if _unread_bytes(fd) == 0:
+        if unread_bytes(fd) == 0:
             self.logger.debug("replied to %r", self._reply_for)
             self._end_reply()
-        elif _readers_gone(fd):
+        elif readers_gone(fd):
             self.logger.warning("the client of command %r went away without reading the "
                                 "reply", self._reply_for)
             self._end_reply()
@@ -332,7 +318,7 @@ class CommandChannel:
         writer = self._write_fd
         if writer is None:
             return None
-        stale = _unread_bytes(writer)
+        stale = unread_bytes(writer)
         if not stale:
             return None
         try:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fifo_helpers import fifo_dir, make_fifo
 from pgserver import free_port
 
 BIN = Path(sys.executable).parent
@@ -128,3 +129,12 @@ def running_proxy(
         raise
     finally:
         proxy.stop()
+
+
+@contextlib.contextmanager
+def running_proxy_for_server_side_copy(upstream_port: int, **kwargs) -> Iterator[RunningProxy]:
+    """A proxy whose FIFO the PostgreSQL server's own account can open (for the SQL helpers)."""
+    with fifo_dir() as directory:
+        fifo = make_fifo(directory / "proxy.fifo", for_postgres=True)
+        with running_proxy(upstream_port, fifo=str(fifo), **kwargs) as running:
+            yield running

@@ -10,8 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fifo_helpers import fifo_dir, make_fifo
-from proxy_helpers import BIN, RunningProxy, running_proxy
+from proxy_helpers import BIN, RunningProxy, running_proxy_for_server_side_copy
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 EXAMPLE_FIFO = "/tmp/wirefault.fifo"
@@ -37,10 +36,8 @@ def blocks(language: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def proxy(pg) -> Iterator[RunningProxy]:
-    with fifo_dir() as directory:
-        fifo = make_fifo(directory / "proxy.fifo", for_postgres=True)
-        with running_proxy(pg.port, fifo=str(fifo)) as running:
-            yield running
+    with running_proxy_for_server_side_copy(pg.port) as running:
+        yield running
 
 
 def test_builder_examples_are_doctests_that_pass():

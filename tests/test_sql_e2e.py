@@ -7,18 +7,15 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from fifo_helpers import fifo_dir, make_fifo
-from proxy_helpers import RunningProxy, running_proxy
+from proxy_helpers import RunningProxy, running_proxy_for_server_side_copy
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 
 
 @pytest.fixture(scope="module")
 def proxy(pg) -> Iterator[RunningProxy]:
-    with fifo_dir() as directory:
-        fifo = make_fifo(directory / "proxy.fifo", for_postgres=True)
-        with running_proxy(pg.port, fifo=str(fifo)) as running:
-            yield running
+    with running_proxy_for_server_side_copy(pg.port) as running:
+        yield running
 
 
 @pytest.fixture
