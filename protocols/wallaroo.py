@@ -293,7 +293,7 @@ _LAYOUTS = (
     ),
     _Layout(
         "Error", 2, ("message" / STR16,), SERVER_TO_CLIENT,
-        "Handshake refused or session failed; the connection ends (worker->source).",
+        "Handshake refused or session failed; the connection ends (worker->source, sink->worker).",
         {},
     ),
     _Layout(
@@ -307,7 +307,7 @@ _LAYOUTS = (
         "NotifyAck", 4,
         ("success" / Int8ub, "stream_id" / Int64ub, "point_of_ref" / Int64ub),
         SERVER_TO_CLIENT,
-        "Accepts or rejects a Notify, with where to resume (worker->source).",
+        "Accepts or rejects a Notify, with where to resume (worker->source, sink->worker).",
         {"point_of_ref": 0},
     ),
     _Layout(
@@ -321,13 +321,13 @@ _LAYOUTS = (
         "Ack", 6,
         ("credits" / Int32ub, "acks" / _Rows(_ACKED)),
         SERVER_TO_CLIENT,
-        "Returns credits and acknowledges points of reference (worker->source).",
+        "Returns credits and acknowledges points of reference (worker->source, sink->worker).",
         {"acks": ()},
     ),
     _Layout(
         "Restart", 7, ("address" / Optional(STR32),), SERVER_TO_CLIENT,
-        "Asks the peer to reconnect, optionally elsewhere (worker->source). A body without "
-        "the address field decodes as address=None.",
+        "Asks the peer to reconnect, optionally elsewhere (worker->source, sink->worker). "
+        "A body without the address field decodes as address=None.",
         {"address": ""},
     ),
     _Layout(
