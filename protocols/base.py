@@ -98,13 +98,20 @@ class Frame:
             return None
         return text_of(fields[name])
 
-    def render(self) -> str:
-        """A one-line readable form, e.g. `Query(query=SELECT 1)`."""
+    def render(self, max_value_chars: int | None = None, max_bytes: int | None = None) -> str:
+        """A one-line readable form, e.g. `Query(query=SELECT 1)`.
+
+        With `max_value_chars`, each field's text is cut to that length; with `max_bytes`,
+        bytes fields are cut to that many bytes before decoding (decoding binary data costs
+        per invalid byte). Large payloads then cost little to render."""
         if self.type == PROTOCOL_ERROR:
             return f"{PROTOCOL_ERROR}(error={self.error})"
         if self.spec is None:
             return f"{self.type}(length={len(self.data)})"
-        inner = ", ".join(f"{k}={printable(text_of(v))}" for k, v in self.fields.items())
+        inner = ", ".join(
+            f"{k}={_rendered_value(v, max_value_chars, max_bytes)}"
+            for k, v in self.fields.items()
+        )
         return f"{self.type}({inner})"
 
     def __repr__(self) -> str:
@@ -112,12 +119,36 @@ class Frame:
         return f"<Frame {direction} {self.type} {len(self.data)}B span={self.span}>"
 
 
+def _rendered_value(value: Any, max_chars: int | None, max_bytes: int | None) -> str:
+    """A field's text for `Frame.render`, cut (and marked as cut) to the given limits."""
+    size = ""
+    if (max_bytes is not None and isinstance(value, bytes | bytearray | memoryview)
+            and len(value) > max_bytes):
+        size = f"...({len(value)} bytes)"
+        value = value[:max_bytes]
+    text = text_of(value)
+    if max_chars is not None and len(text) > max_chars:
+        size = size or f"...({len(text)} chars)"
+        text = text[:max_chars]
+    return printable(text) + size
+
+
 def text_of(value: Any) -> str:
-    """The text form of a decoded field value, used by regex filters and the recorder."""
+    """The text form of a decoded field value, used by regex filters and the recorder.
+
+    Bytes are UTF-8 text when they are valid UTF-8; otherwise Python's bytes escapes
+    (`\\xNN` for every non-ASCII or control byte), which cost little even for large
+    binary payloads."""
     if isinstance(value, str):
         return value
     if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value).decode("utf-8", "backslashreplace")
+        raw = bytes(value)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if exc.reason == "unexpected end of data":  # text cut inside a character
+                return raw[: exc.start].decode("utf-8") + repr(raw[exc.start:])[2:-1]
+            return repr(raw)[2:-1]
     if value is None:
         return "NULL"
     if isinstance(value, Mapping):

@@ -19,6 +19,8 @@ DEFAULT_LIMIT = 100_000
 KEEP_FRAME_BYTES = 2048
 """Frames up to this size are kept whole and rendered lazily."""
 MAX_RENDERED_CHARS = 4096
+MAX_RENDERED_BYTES = 256
+"""Bytes fields of large frames (payloads) are shown up to this many bytes."""
 SKIPPED_TYPES = frozenset({"Terminate"})
 """Left out: they arrive at unpredictable times and make dumps flaky."""
 
@@ -34,10 +36,8 @@ def copy_escape(text: str) -> str:
 
 
 def render_frame(frame: Frame) -> str:
-    text = frame.render()
-    if len(text) > MAX_RENDERED_CHARS:
-        text = text[:MAX_RENDERED_CHARS] + f"...({len(frame.data)} bytes)"
-    return text
+    """The frame's readable form, each field cut to the recorder's limits."""
+    return frame.render(MAX_RENDERED_CHARS, MAX_RENDERED_BYTES)
 
 
 @dataclass(slots=True)

@@ -68,8 +68,29 @@ def test_large_frames_are_rendered_at_once_and_truncated():
     rec.record(RecorderSlot(), data_frame(payload))
     row = rec.dump()
     assert row.startswith("0\tcoordinator\tData(data=xxx")
-    assert row.endswith(f"...({len(payload)} bytes)")
+    assert row.endswith(f"...({len(payload)} bytes))")
     assert len(row) < 5000
+
+
+def test_long_text_fields_are_cut_and_marked():
+    from wirefault.protocols import get as get_protocol
+    from wirefault.proxy.recorder import MAX_RENDERED_CHARS
+
+    query = get_protocol("postgres").messages["Query"]
+    text = "SELECT " + "x" * (MAX_RENDERED_CHARS * 2)
+    data = query.encode(query=text)
+    rec = Recorder(messages=get_protocol("postgres").messages)
+    rec.record(RecorderSlot(), Frame("Query", data, (0, len(data)), True, query))
+    row = rec.dump()
+    assert row.endswith(f"...({len(text)} chars))") and len(row) < MAX_RENDERED_CHARS + 100
+
+
+def test_binary_payloads_render_quickly_as_escapes():
+    payload = bytes(range(256)) * 64
+    frame = data_frame(payload)
+    rendered = frame.render(4096, 256)
+    assert rendered.startswith("Data(data=\\x00\\x01\\x02")
+    assert rendered.endswith(f"...({len(payload)} bytes))")
 
 
 def test_terminate_frames_are_left_out():
