@@ -11,6 +11,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from mitmproxy import ctx
+from mitmproxy.exceptions import OptionsError
 from mitmproxy.proxy import layer as mitm_layer
 from mitmproxy.proxy.layers.tcp import TCPLayer
 
@@ -34,9 +35,9 @@ def _seconds(option: str, text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"option {option}: not a number of seconds: {text!r}") from None
+        raise OptionsError(f"option {option}: not a number of seconds: {text!r}") from None
     if not 0 <= value < float("inf"):
-        raise ValueError(f"option {option}: must be a non-negative number of seconds")
+        raise OptionsError(f"option {option}: must be a non-negative number of seconds")
     return value
 
 
@@ -78,7 +79,10 @@ class WirefaultAddon:
         if self.runtime is None or updated & rebuild:
             self.runtime = self._build_runtime()
         elif "slug" in updated:
-            self.runtime.engine.set_rule_text(ctx.options.slug)
+            try:
+                self.runtime.engine.set_rule_text(ctx.options.slug)
+            except dsl.CommandError as exc:
+                raise OptionsError(f"option slug: {exc}") from None
         if "fifo" in updated and self._running:
             self._start_channel()
 
@@ -87,7 +91,7 @@ class WirefaultAddon:
         try:
             protocol = protocols.get(opts.protocol)
         except ValueError as exc:
-            raise ValueError(f"option protocol: {exc}") from None
+            raise OptionsError(f"option protocol: {exc}") from None
         client_label, _, server_label = opts.source_labels.partition(",")
         try:
             runtime = ProxyRuntime.create(
@@ -104,7 +108,7 @@ class WirefaultAddon:
                 take_over=self._take_over,
             )
         except dsl.CommandError as exc:
-            raise ValueError(f"option slug: {exc}") from None
+            raise OptionsError(f"option slug: {exc}") from None
         logger.info("wirefault: protocol %s, rule %s", protocol.name, runtime.engine.rule.text)
         return runtime
 

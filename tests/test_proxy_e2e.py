@@ -304,3 +304,18 @@ def test_bulk_copy_out_and_in_arrive_intact(proxy, pg, control, table):
         proxied.commit()
         assert direct.execute(f"SELECT count(*), sum(v) FROM {table}").fetchone() == (
             200000, 200000 * 200001 // 2)
+
+
+def test_runner_refuses_a_bad_initial_rule_with_one_line(tmp_path):
+    from proxy_helpers import BIN
+
+    result = subprocess.run(
+        [str(BIN / "wirefault"), "proxy", "--listen", "127.0.0.1:0", "--upstream",
+         "127.0.0.1:1", "--fifo", str(tmp_path / "f"), "--rule", "conn.onQury().kill()"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "wirefault proxy: option slug: column 6: unknown message type 'Qury' for protocol "
+        "postgres; did you mean 'Query'?"
+    ]
