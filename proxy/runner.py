@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fifo-reply-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="how long a FIFO client may take to read its reply")
     parser.add_argument("--kill-grace", type=float, default=2.0, metavar="SECONDS")
+    parser.add_argument("--max-frame", type=int, default=0, metavar="BYTES",
+                        help="largest frame accepted before the direction turns opaque "
+                             "(default: the protocol's own, 1 GiB for postgres, 64 MiB for "
+                             "wallaroo)")
     parser.add_argument("--recorder-limit", type=int, default=100_000, metavar="FRAMES")
     parser.add_argument("--source-labels", default="coordinator,worker", metavar="CLIENT,SERVER")
     parser.add_argument("--flows", action="store_true",
@@ -94,6 +98,7 @@ async def serve(args: argparse.Namespace) -> int:
             kill_grace=str(args.kill_grace),
             fifo_reply_timeout=str(args.fifo_reply_timeout),
             recorder_limit=args.recorder_limit,
+            max_frame=args.max_frame,
             source_labels=args.source_labels,
             wirefault_flows=args.flows,
             fast_path=not args.no_fast_path,

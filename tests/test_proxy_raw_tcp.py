@@ -91,3 +91,15 @@ def test_contains_kill_on_raw_bytes_stops_the_stream(proxy, echo):
     finally:
         control.allow()
     assert all(b"POISON" not in data for data in echo.received)
+
+
+def test_max_frame_turns_an_oversized_frame_into_a_protocol_error(pg):
+    """--max-frame: a frame over the limit is a ProtocolError, then opaque passthrough."""
+    with running_proxy(pg.port, extra_args=["--max-frame", "64"]) as small:
+        control = FaultProxy(small.fifo)
+        with pg.connect(port=small.port, autocommit=True) as conn:
+            long_query = "SELECT '" + "x" * 200 + "'"
+            assert conn.execute(long_query).fetchone() == ("x" * 200,)  # still relayed
+        rows = [r.message for r in control.dump()]
+        assert any(m.startswith("ProtocolError(") for m in rows), rows
+        assert any(m.startswith("Opaque(") for m in rows), rows
