@@ -19,16 +19,16 @@ from wirefault import protocols
 
 from . import dsl, mitm_internals
 from .layer import WirefaultLayer
-from .recorder import DEFAULT_LIMIT
-from .runtime import DEFAULT_KILL_GRACE, ProxyRuntime
+from .recorder import DEFAULT_CLIENT_LABEL, DEFAULT_LIMIT, DEFAULT_SERVER_LABEL
+from .rules import DEFAULT_RULE
+from .runtime import DEFAULT_KILL_GRACE, DEFAULT_REPLY_TIMEOUT, ProxyRuntime
 
 if TYPE_CHECKING:
     from .command_channel import CommandChannel
 
 logger = logging.getLogger("wirefault")
 
-DEFAULT_RULE = "conn.allow()"
-DEFAULT_LABELS = "coordinator,worker"
+DEFAULT_LABELS = f"{DEFAULT_CLIENT_LABEL},{DEFAULT_SERVER_LABEL}"
 
 
 def _seconds(option: str, text: str) -> float:
@@ -63,7 +63,7 @@ class WirefaultAddon:
                           "Frames the recorder keeps; older ones are dropped and counted.")
         loader.add_option("source_labels", str, DEFAULT_LABELS,
                           "Recorder labels for client and server frames, comma-separated.")
-        loader.add_option("fifo_reply_timeout", str, "10.0",
+        loader.add_option("fifo_reply_timeout", str, str(DEFAULT_REPLY_TIMEOUT),
                           "Seconds to wait for a FIFO client to read its reply.")
         loader.add_option("max_frame", int, 0,
                           "Largest frame accepted, in bytes (0: the protocol's default).")
@@ -98,8 +98,8 @@ class WirefaultAddon:
                 protocol,
                 opts.slug,
                 limit=opts.recorder_limit,
-                client_label=client_label.strip() or "coordinator",
-                server_label=server_label.strip() or "worker",
+                client_label=client_label.strip() or DEFAULT_CLIENT_LABEL,
+                server_label=server_label.strip() or DEFAULT_SERVER_LABEL,
                 kill_grace=_seconds("kill_grace", opts.kill_grace),
                 max_frame=opts.max_frame or None,
                 make_flows=opts.wirefault_flows,

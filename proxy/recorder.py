@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from wirefault.protocols import Frame, MessageSpec
 
 DEFAULT_LIMIT = 100_000
+DEFAULT_CLIENT_LABEL = "coordinator"
+DEFAULT_SERVER_LABEL = "worker"
 KEEP_FRAME_BYTES = 2048
 """Frames up to this size are kept whole and rendered lazily."""
 MAX_RENDERED_CHARS = 4096
@@ -52,8 +54,8 @@ class Recorder:
     def __init__(
         self,
         limit: int = DEFAULT_LIMIT,
-        client_label: str = "coordinator",
-        server_label: str = "worker",
+        client_label: str = DEFAULT_CLIENT_LABEL,
+        server_label: str = DEFAULT_SERVER_LABEL,
         messages: Mapping[str, MessageSpec] | None = None,
     ) -> None:
         self.limit = limit

@@ -15,6 +15,8 @@ from wirefault.protocols import Frame, ProtocolSpec
 from . import dsl, faults
 from .faults import FORWARD, KILL, ConnectionState, Decision, Fault, SharedState
 
+DEFAULT_RULE = "conn.allow()"
+
 _FILTER, _MATCH, _CONTAINS, _AFTER = range(4)
 
 Step = tuple[int, object, object]
@@ -74,12 +76,10 @@ def _fields_match(frame: Frame, fields: tuple[tuple[str, re.Pattern[str]], ...])
 class RuleEngine:
     """Holds the rule in force for one proxy and decides each frame's fate."""
 
-    DEFAULT_RULE = "conn.allow()"
-
     def __init__(self, protocol: ProtocolSpec, initial: str | None = None) -> None:
         self.protocol = protocol
         self._generation = 0
-        self.rule: CompiledRule = self._compile(self.DEFAULT_RULE)
+        self.rule: CompiledRule = self._compile(DEFAULT_RULE)
         if initial:
             self.set_rule_text(initial)
 

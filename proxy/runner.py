@@ -14,6 +14,10 @@ import logging
 import signal
 import sys
 
+from .recorder import DEFAULT_CLIENT_LABEL, DEFAULT_LIMIT, DEFAULT_SERVER_LABEL
+from .rules import DEFAULT_RULE
+from .runtime import DEFAULT_KILL_GRACE, DEFAULT_REPLY_TIMEOUT
+
 EPILOG = """example:
   wirefault proxy --listen 9060 --upstream localhost:5432 --fifo /tmp/wf.fifo
   wirefault send --fifo /tmp/wf.fifo 'conn.onQuery(query="^COMMIT").kill()'
@@ -54,17 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the server behind the proxy")
     parser.add_argument("--protocol", default="postgres", choices=protocols.names())
     parser.add_argument("--fifo", metavar="PATH", help="command FIFO (created if missing)")
-    parser.add_argument("--rule", default="conn.allow()", metavar="COMMAND",
+    parser.add_argument("--rule", default=DEFAULT_RULE, metavar="COMMAND",
                         help="the rule in force at start")
-    parser.add_argument("--fifo-reply-timeout", type=float, default=10.0, metavar="SECONDS",
+    parser.add_argument("--fifo-reply-timeout", type=float, default=DEFAULT_REPLY_TIMEOUT,
+                        metavar="SECONDS",
                         help="how long a FIFO client may take to read its reply")
-    parser.add_argument("--kill-grace", type=float, default=2.0, metavar="SECONDS")
+    parser.add_argument("--kill-grace", type=float, default=DEFAULT_KILL_GRACE,
+                        metavar="SECONDS")
     parser.add_argument("--max-frame", type=int, default=0, metavar="BYTES",
                         help="largest frame accepted before the direction turns opaque "
                              "(default: the protocol's own, 1 GiB for postgres, 64 MiB for "
                              "wallaroo)")
-    parser.add_argument("--recorder-limit", type=int, default=100_000, metavar="FRAMES")
-    parser.add_argument("--source-labels", default="coordinator,worker", metavar="CLIENT,SERVER")
+    parser.add_argument("--recorder-limit", type=int, default=DEFAULT_LIMIT, metavar="FRAMES")
+    parser.add_argument("--source-labels", metavar="CLIENT,SERVER",
+                        default=f"{DEFAULT_CLIENT_LABEL},{DEFAULT_SERVER_LABEL}")
     parser.add_argument("--flows", action="store_true",
                         help="create mitmproxy flows and fire tcp_* hooks (slower)")
     parser.add_argument("--no-fast-path", action="store_true",

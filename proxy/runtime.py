@@ -12,6 +12,8 @@ from .recorder import Recorder
 from .rules import RuleEngine
 
 DEFAULT_KILL_GRACE = 2.0
+DEFAULT_REPLY_TIMEOUT = 10.0
+"""Seconds a FIFO client may take to read its reply."""
 DEFAULT_FLOW_MESSAGES = 100
 
 
