@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: test demo bench lint postgres venv clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml protocols/_pg_scan.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

@@ -20,6 +20,7 @@ from .base import (
     Session,
     text_of,
 )
+from .batch import FrameBatch, FrameRun, TypeTable
 
 _MODULES = {
     "postgres": "wirefault.protocols.postgres",
@@ -50,10 +51,13 @@ __all__ = [
     "OPAQUE",
     "PROTOCOL_ERROR",
     "Frame",
+    "FrameBatch",
+    "FrameRun",
     "Framer",
     "MessageSpec",
     "ProtocolSpec",
     "Session",
+    "TypeTable",
     "get",
     "names",
     "text_of",

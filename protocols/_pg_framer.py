@@ -21,7 +21,9 @@ from ._pg_messages import (
     shared_type_bytes,
     typed_table,
 )
+from ._pg_scan import scan
 from .base import BACKEND, FRONTEND, OPAQUE, PROTOCOL_ERROR, Frame, MessageSpec
+from .batch import FrameBatch, FrameRun, Segment, TypeTable
 
 DEFAULT_MAX_FRAME = 1 << 30
 """The largest frame (type byte and length included) framed by default: 1 GiB."""
@@ -46,8 +48,8 @@ _OPAQUE = 5  # encrypted, or given up after a protocol error: reads passed on as
 _AUTH_SASL, _AUTH_SASL_CONTINUE = 10, 11
 _AUTH_GSS_FAMILY = frozenset({7, 8, 9})  # GSS, GSSContinue, SSPI: answered by GSSResponse
 
-_FRONTEND_TABLE = typed_table(FRONTEND)
-_BACKEND_TABLE = typed_table(BACKEND)
+_FRONTEND_TABLE = TypeTable(typed_table(FRONTEND))
+_BACKEND_TABLE = TypeTable(typed_table(BACKEND))
 _FRONTEND_SHARED = shared_type_bytes(FRONTEND)  # 'p'
 _BACKEND_SHARED = shared_type_bytes(BACKEND)  # 'R'
 _ANSWERS = {
@@ -97,42 +99,40 @@ class PgFramer:
 
     def feed(self, data: bytes) -> list[Frame]:
         """The frames completed by this read, in order. Never raises."""
-        if not data:
-            return []
+        return self.feed_batch(data).frames()
+
+    def feed_batch(self, data: bytes) -> FrameBatch:
+        """`feed`, with runs of ordinary messages kept compact (see `batch`)."""
+        segments: list[Segment] = []
         if type(data) is not bytes:
             data = bytes(data)
-        frames: list[Frame] = []
-        pos = self._resume(data, frames) if self._pending else 0
-        if pos is not None:
-            self._frame_from(data, pos, frames)
-        return frames
+        if self._pending:
+            pos = self._resume(data, segments)
+            if pos is None:
+                return FrameBatch(segments)
+        else:
+            pos = 0
+        if self._mode == _TYPED:  # the common case, without the general loop's calls
+            pos = self._frame_typed(data, pos, segments)
+            if pos == len(data):
+                return FrameBatch(segments)
+        self._frame_from(data, pos, segments)
+        return FrameBatch(segments)
 
     # --- the common case ------------------------------------------------------------------
 
-    def _frame_typed(self, data: bytes, pos: int, frames: list[Frame]) -> int:
-        """Frames complete typed messages with a plain type byte from `pos`; stops at the
-        first one needing more thought (partial, shared or unknown type, bad length)."""
-        end_of_read = len(data)
-        table = self._table
-        unpack = _HEADER.unpack_from
-        max_length = self._max_length
-        from_client = self.from_client
-        append = frames.append
-        while end_of_read - pos >= 5:
-            type_byte, length = unpack(data, pos)
-            spec = table[type_byte]
-            if spec is None or length < 4 or length > max_length:
-                break
-            end = pos + 1 + length
-            if end > end_of_read:
-                break
-            append(Frame(spec.name, data[pos:end], (pos, end), from_client, spec))
-            pos = end
-        return pos
+    def _frame_typed(self, data: bytes, pos: int, frames: list[Segment]) -> int:
+        """Frames complete typed messages with a plain type byte from `pos`, as one run;
+        stops at the first one needing more thought (partial, shared or unknown type, bad
+        length)."""
+        stop, types, ends = scan(data, pos, self._table.plain, self._max_length)
+        if stop != pos:
+            frames.append(FrameRun(data, pos, stop, types, ends, self._table, self.from_client))
+        return stop
 
     # --- everything else ------------------------------------------------------------------
 
-    def _frame_from(self, data: bytes, pos: int, frames: list[Frame]) -> None:
+    def _frame_from(self, data: bytes, pos: int, frames: list[Segment]) -> None:
         end_of_read = len(data)
         while pos < end_of_read:
             if self._mode == _TYPED:
@@ -145,7 +145,7 @@ class PgFramer:
                 self._fail(str(violation), data[pos:], (pos, end_of_read), frames)
                 return
 
-    def _step(self, data: bytes, pos: int, frames: list[Frame]) -> int:
+    def _step(self, data: bytes, pos: int, frames: list[Segment]) -> int:
         """Frames what comes at `pos` in the current mode; returns where to go on."""
         mode = self._mode
         if mode == _TYPED:
@@ -165,7 +165,7 @@ class PgFramer:
             raise _Violation(f"client sent data before the server answered its {self._answer_to}")
         raise _Violation("data after a CancelRequest, which ends the connection")
 
-    def _one_frame(self, data: bytes, pos: int, frames: list[Frame], header: int) -> int:
+    def _one_frame(self, data: bytes, pos: int, frames: list[Segment], header: int) -> int:
         """One frame at `pos` (a `header`-byte header): framed, or kept until complete."""
         end_of_read = len(data)
         if end_of_read - pos < header:
@@ -211,7 +211,7 @@ class PgFramer:
         self._pending = bytearray(partial)
         self._need = total
 
-    def _resume(self, data: bytes, frames: list[Frame]) -> int | None:
+    def _resume(self, data: bytes, frames: list[Segment]) -> int | None:
         """Completes the pending frame with this read; returns where framing goes on in
         `data`, or None when the read was used up (kept, or passed after an error)."""
         pending = self._pending
@@ -237,7 +237,7 @@ class PgFramer:
             return None
         return used
 
-    def _complete(self, frame: bytes, span: tuple[int, int], frames: list[Frame]) -> None:
+    def _complete(self, frame: bytes, span: tuple[int, int], frames: list[Segment]) -> None:
         """Names a complete frame (mode-dependent) and follows what it does to the state."""
         if self._mode == _STARTUP:
             spec = self._session.client_first_message(frame)
@@ -255,7 +255,7 @@ class PgFramer:
         self._session.last_authentication = code
         return spec
 
-    def _answer(self, data: bytes, pos: int, frames: list[Frame]) -> int:
+    def _answer(self, data: bytes, pos: int, frames: list[Segment]) -> int:
         """The server's one-byte answer to SSLRequest / GSSENCRequest."""
         spec, accepted = _ANSWERS[self._answer_to]
         answer = data[pos]
@@ -271,7 +271,7 @@ class PgFramer:
             self._session.refused()
         return pos + 1
 
-    def _fail(self, error: str, data: bytes, span: tuple[int, int], frames: list[Frame]) -> None:
+    def _fail(self, error: str, data: bytes, span: tuple[int, int], frames: list[Segment]) -> None:
         frames.append(Frame(PROTOCOL_ERROR, data, span, self.from_client, error=error))
         self._hold(b"", 0)
         self._mode = _OPAQUE

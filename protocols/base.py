@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .batch import FrameBatch
 
 FRONTEND = "frontend"
 """Direction of messages sent by the client (the side that opened the connection)."""
@@ -176,6 +179,11 @@ class Framer(Protocol):
     """
 
     def feed(self, data: bytes) -> list[Frame]: ...
+
+    def feed_batch(self, data: bytes) -> FrameBatch:
+        """`feed` for the proxy's hot path: the same frames, where the framer can, with runs
+        of ordinary frames kept compact (`batch.FrameRun`)."""
+        ...
 
     @property
     def buffered(self) -> int:

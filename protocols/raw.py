@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import BACKEND, FRONTEND, Frame, MessageSpec, ProtocolSpec
+from .batch import FrameBatch
 
 DEFAULT_MAX_FRAME = 1 << 30
 
@@ -44,6 +45,9 @@ class RawFramer:
         if not data:
             return []
         return [Frame("Data", bytes(data), (0, len(data)), self.from_client, DATA)]
+
+    def feed_batch(self, data: bytes) -> FrameBatch:
+        return FrameBatch(self.feed(data))
 
 
 @dataclass

@@ -51,6 +51,7 @@ from construct import (
 )
 
 from .base import BACKEND, FRONTEND, OPAQUE, PROTOCOL_ERROR, Frame, MessageSpec, ProtocolSpec
+from .batch import FrameBatch
 
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 """Largest accepted value of the length field (tag + body), in bytes."""
@@ -466,6 +467,10 @@ class WallarooFramer:
     def opaque(self) -> bool:
         """True once a protocol error switched this direction to passthrough."""
         return self._opaque
+
+    def feed_batch(self, data: bytes) -> FrameBatch:
+        """`feed`, as a batch (Wallaroo frames are not kept as runs)."""
+        return FrameBatch(self.feed(data))
 
     def feed(self, data: bytes) -> list[Frame]:
         """The frames completed by this read, in order. Never raises."""

@@ -21,11 +21,11 @@ from mitmproxy.proxy.layers.tcp import (
     TcpStartHook,
 )
 
-from wirefault.protocols import Frame
+from wirefault.protocols import Frame, FrameBatch
 
 from .fast_relay import FastRelay
-from .faults import FORWARD, Decision, Verdict
 from .faults import ConnectionState as RuleState
+from .faults import Decision, Verdict
 from .recorder import RecorderSlot
 from .runtime import ProxyRuntime
 
@@ -137,36 +137,31 @@ class WirefaultLayer(layer.Layer):
     def _frame_and_judge(self, from_client: bool, data: bytes) -> bytes | list[commands.Command]:
         framer = self._client_framer if from_client else self._server_framer
         carried = framer.buffered
-        frames = framer.feed(data)
+        batch = framer.feed_batch(data)
         if self.hold or self.backlog:
-            self.backlog.extend(frames)
+            self.backlog.extend(batch)
             return b""
         whole = data if carried == 0 and framer.buffered == 0 else None
-        return self._judge(frames, from_client, whole)
+        return self._judge(batch, from_client, whole)
 
     def _judge(
-        self, frames: list[Frame], from_client: bool, whole_read: bytes | None
+        self, batch: FrameBatch, from_client: bool, whole_read: bytes | None
     ) -> bytes | list[commands.Command]:
-        """Record and decide each frame of one direction.
+        """Decide and record the frames of one direction.
 
         Returns the bytes to forward when every frame passes (the read itself when it held
         whole frames only), else the commands for the frame that triggered a fault."""
-        decide = self.runtime.engine.decide
-        record = self.runtime.recorder.record
-        state = self.rule_state
-        slot = self.slot
-        for index, frame in enumerate(frames):
-            if from_client:
-                state.client_frames_seen += 1
-            record(slot, frame)
-            decision = decide(frame, state)
-            if decision is not FORWARD:
-                return self._act(decision, frames, index, self._destination(from_client))
-        if whole_read is not None:
-            return whole_read
-        if len(frames) == 1:
-            return frames[0].data
-        return b"".join([f.data for f in frames])
+        found = self.runtime.engine.first_fault(batch, self.rule_state, from_client)
+        recorder = self.runtime.recorder
+        if found is None:
+            recorder.record_batch(self.slot, batch)
+            if whole_read is not None:
+                return whole_read
+            return batch.payload() if batch else b""
+        index, decision = found
+        frames = batch.frames()
+        recorder.record_batch(self.slot, FrameBatch(frames[:index + 1]))
+        return self._act(decision, frames, index, self._destination(from_client))
 
     def _act(
         self, decision: Decision, frames: list[Frame], index: int, dest: Connection
@@ -179,7 +174,8 @@ class WirefaultLayer(layer.Layer):
         if verdict is Verdict.FORWARD:  # a Decision equal to FORWARD but not the singleton
             out.append(commands.SendData(dest, frames[index].data))
             out.extend(self._as_commands(
-                self._judge(frames[index + 1:], frames[index].from_client, None), dest))
+                self._judge(FrameBatch(frames[index + 1:]), frames[index].from_client, None),
+                dest))
         elif verdict is Verdict.HOLD:
             self.hold = commands.RequestWakeup(decision.delay)
             self.backlog.extendleft(reversed(frames[index:]))
@@ -201,7 +197,7 @@ class WirefaultLayer(layer.Layer):
                 yield from self._on_closed(item.connection)
             else:
                 yield from self._as_commands(
-                    self._judge([item], item.from_client, None),
+                    self._judge(FrameBatch([item]), item.from_client, None),
                     self._destination(item.from_client))
 
     @staticmethod

@@ -3,17 +3,20 @@
 Rendering a frame decodes its fields, which is costly, so a small frame is kept as a flat
 tuple (connection number, direction, type name, bytes) and rendered only when dumped; a
 large one, or one without a message spec, is rendered (and truncated) at once so the buffer
-never pins large payloads. Flat tuples of strings and bytes are not tracked by Python's
-garbage collector, so a full ring costs nothing per collection.
+never pins large payloads. A run of small frames from one read (`FrameRun`) is kept as one
+row: its bytes with the type byte and end of each frame, split into frames only when dumped.
+Rows are flat tuples of strings, bytes and numbers, which Python's garbage collector stops
+tracking, so a full ring costs nothing per collection.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from wirefault.protocols import Frame, MessageSpec
+from wirefault.protocols import Frame, FrameBatch, FrameRun, MessageSpec, TypeTable
+from wirefault.protocols.batch import frames_of
 
 DEFAULT_LIMIT = 100_000
 DEFAULT_CLIENT_LABEL = "coordinator"
@@ -50,6 +53,15 @@ class RecorderSlot:
     number: int = -1
 
 
+Row = tuple[int, bool, object, object]
+"""(connection number, from_client, key, payload), by key:
+- a type name: payload is the frame's bytes;
+- None: payload is the frame already rendered;
+- an int: a run; the key is its `TypeTable.index` and payload is
+  (bytes, their offset in the read, start of the first frame, types, ends) (see `FrameRun`).
+"""
+
+
 class Recorder:
     def __init__(
         self,
@@ -58,58 +70,143 @@ class Recorder:
         server_label: str = DEFAULT_SERVER_LABEL,
         messages: Mapping[str, MessageSpec] | None = None,
     ) -> None:
+        if limit < 1:
+            raise ValueError("the recorder keeps at least one frame")
         self.limit = limit
         self.messages = messages or {}
         self.client_label = client_label
         self.server_label = server_label
-        # (number, from_client, type name or None when `payload` is already rendered, payload)
-        self._rows: deque[tuple[int, bool, str | None, bytes | str]] = deque(maxlen=limit)
+        self._rows: deque[Row] = deque()
+        self._held = 0
+        """Frames in `_rows`, less `_skip`: up to `limit` plus `_slack`, trimmed to `limit`
+        when dumped."""
+        self._slack = max(limit // 16, 64)
+        """Evicting a few rows at a time, not at every read, is cheaper."""
+        self._skip = 0
+        """Frames of the first row (a run) already dropped from the ring."""
         self._count = 0
         """Frames recorded since the last dump or reset; those beyond `limit` were dropped."""
         self._epoch = 0
         self._next_number = 0
+        self._skipped_codes: dict[TypeTable, bytes] = {}
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return min(self._held, self.limit)
 
-    def record(self, slot: RecorderSlot, frame: Frame) -> None:
+    def _number(self, slot: RecorderSlot) -> int:
         if slot.epoch != self._epoch:
             slot.epoch = self._epoch
             slot.number = self._next_number
             self._next_number += 1
+        return slot.number
+
+    def record(self, slot: RecorderSlot, frame: Frame) -> None:
+        self._add_frame(self._number(slot), frame)
+        if self._held > self.limit + self._slack:
+            self._evict()
+
+    def record_batch(self, slot: RecorderSlot, batch: FrameBatch) -> None:
+        """Records a read's frames; runs of small frames as one row each."""
+        number = self._number(slot)
+        for segment in batch.segments:
+            if type(segment) is FrameRun:
+                if not self._add_run(number, segment):
+                    for frame in segment.frames():
+                        self._add_frame(number, frame)
+            else:
+                self._add_frame(number, segment)  # type: ignore[arg-type]
+        if self._held > self.limit + self._slack:
+            self._evict()
+
+    def _add_frame(self, number: int, frame: Frame) -> None:
         if frame.type in SKIPPED_TYPES:
             return
         self._count += 1
+        self._held += 1
         if frame.spec is not None and len(frame.data) <= KEEP_FRAME_BYTES:
-            self._rows.append((slot.number, frame.from_client, frame.type, frame.data))
+            self._rows.append((number, frame.from_client, frame.type, frame.data))
         else:
-            self._rows.append((slot.number, frame.from_client, None, render_frame(frame)))
+            self._rows.append((number, frame.from_client, None, render_frame(frame)))
+
+    def _add_run(self, number: int, run: FrameRun) -> bool:
+        """Keeps `run` as one row; False when its frames must be kept one by one (large
+        frames, or a type the recorder leaves out)."""
+        count = run.count
+        start = run.start
+        size = run.stop - start
+        if size > count * KEEP_FRAME_BYTES:
+            return False
+        table = run.table
+        skipped = self._skipped_codes.get(table)
+        if skipped is None:
+            skipped = self._skipped_codes[table] = table.codes(SKIPPED_TYPES)
+        if skipped and run.may_contain(skipped):
+            return False
+        data = run.data
+        if len(data) > 2 * size:  # don't pin the rest of a large read
+            blob, base = data[start:run.stop], start
+        else:
+            blob, base = data, 0
+        self._rows.append((number, run.from_client, table.index,
+                           (blob, base, start, run.types, run.ends)))
+        self._count += count
+        self._held += count
+        return True
+
+    def _evict(self) -> None:
+        """Drops the oldest frames until `limit` are held (part of a run: `_skip`)."""
+        rows = self._rows
+        excess = self._held - self.limit
+        while excess > 0:
+            first = rows[0]
+            size = (len(first[3][3]) if type(first[2]) is int else 1) - self._skip  # type: ignore[index]
+            if size <= excess:
+                rows.popleft()
+                self._skip = 0
+                excess -= size
+                self._held -= size
+            else:
+                self._skip += excess
+                self._held -= excess
+                excess = 0
 
     def reset(self) -> None:
         """Forget everything and restart connection numbers at 0."""
-        self._rows.clear()
-        self._count = 0
+        self._clear()
         self._epoch += 1
         self._next_number = 0
 
+    def _clear(self) -> None:
+        self._rows.clear()
+        self._held = self._skip = self._count = 0
+
     def dump(self) -> str:
         """COPY text rows `conn<TAB>source<TAB>message` since the last dump or reset, cleared."""
+        self._evict()
         lines = []
-        dropped = self._count - len(self._rows)
+        dropped = self._count - self._held
         if dropped:
             lines.append(
                 f"-1\trecorder\t{dropped} frames dropped (ring buffer limit {self.limit})"
             )
-        for number, from_client, type_name, payload in self._rows:
+        for number, from_client, message in self._messages():
             source = self.client_label if from_client else self.server_label
-            if type_name is None:
-                message = payload
-            else:
-                data = payload
-                frame = Frame(type_name, data, (0, len(data)), from_client,  # type: ignore[arg-type]
-                              self.messages.get(type_name))
-                message = render_frame(frame)
-            lines.append(f"{number}\t{source}\t{copy_escape(message)}")  # type: ignore[arg-type]
-        self._rows.clear()
-        self._count = 0
+            lines.append(f"{number}\t{source}\t{copy_escape(message)}")
+        self._clear()
         return "\n".join(lines)
+
+    def _messages(self) -> Iterator[tuple[int, bool, str]]:
+        skip = self._skip
+        for number, from_client, key, payload in self._rows:
+            if key is None:
+                yield number, from_client, payload  # type: ignore[misc]
+            elif type(key) is int:
+                frames = frames_of(*payload, TypeTable.known[key], from_client)  # type: ignore[misc]
+                for frame in frames[skip:]:
+                    yield number, from_client, render_frame(frame)
+            else:
+                data: bytes = payload  # type: ignore[assignment]
+                frame = Frame(key, data, (0, len(data)), from_client,  # type: ignore[arg-type]
+                              self.messages.get(key))  # type: ignore[arg-type]
+                yield number, from_client, render_frame(frame)
+            skip = 0

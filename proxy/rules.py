@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from wirefault.protocols import Frame, ProtocolSpec
+from wirefault.protocols import Frame, FrameBatch, FrameRun, ProtocolSpec
 
 from . import dsl, faults
 from .faults import FORWARD, KILL, ConnectionState, Decision, Fault, SharedState
@@ -32,6 +32,10 @@ class CompiledRule:
     shared: SharedState
     passthrough: bool
     """True when no frame can ever be affected (a chain ending in allow())."""
+    gate: frozenset[str] | None
+    """When the chain starts with a message filter, the type it names: a frame of another
+    type is forwarded at the first step, with no side effect, so runs of frames none of
+    which has that type need no decision (see `first_fault`)."""
 
 
 def _compile_step(step: dsl.Step, after_index: int) -> Step:
@@ -62,7 +66,13 @@ def compile_rule(rule: dsl.Rule, generation: int) -> CompiledRule:
         fault=fault,
         shared=SharedState(),
         passthrough=rule.action.name == "allow",
+        gate=_gate(rule),
     )
+
+
+def _gate(rule: dsl.Rule) -> frozenset[str] | None:
+    first = rule.steps[0] if rule.steps else None
+    return frozenset({first.type}) if isinstance(first, dsl.MessageFilter) else None
 
 
 def _fields_match(frame: Frame, fields: tuple[tuple[str, re.Pattern[str]], ...]) -> bool:
@@ -98,6 +108,39 @@ class RuleEngine:
     def set_rule_text(self, text: str) -> CompiledRule:
         """Parse and install; on a CommandError the previous rule stays in force."""
         return self._compile(text)
+
+    def first_fault(self, batch: FrameBatch, conn: ConnectionState, from_client: bool
+                    ) -> tuple[int, Decision] | None:
+        """Decides a read's frames in order: the index of the first one the rule does not
+        simply forward, with its decision; None when all pass. Counts client frames (as
+        `conn.client_frames_seen`) before deciding each, as `decide` expects."""
+        rule = self.rule
+        if rule.passthrough:
+            if from_client:
+                conn.client_frames_seen += len(batch)
+            return None
+        gate = rule.gate
+        decide = self.decide
+        index = 0
+        for segment in batch.segments:
+            if type(segment) is FrameRun:
+                if (gate is not None and not rule.shared.killall_fired
+                        and not segment.may_contain(segment.table.codes(gate))):
+                    if from_client:
+                        conn.client_frames_seen += segment.count
+                    index += segment.count
+                    continue
+                frames: list[Frame] = segment.frames()
+            else:
+                frames = [segment]  # type: ignore[list-item]
+            for frame in frames:
+                if from_client:
+                    conn.client_frames_seen += 1
+                decision = decide(frame, conn)
+                if decision is not FORWARD:
+                    return index, decision
+                index += 1
+        return None
 
     def decide(self, frame: Frame, conn: ConnectionState) -> Decision:
         rule = self.rule

@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _pick(names: str | None, known: tuple, what: str) -> list:
     if not names:
-        return list(known)
+        return [item for item in known if not getattr(item, "on_request", False)]
     by_name = {item.name: item for item in known}
     wanted = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in by_name]

@@ -35,6 +35,9 @@ class Target:
     """direct, mitmdump, wirefault or haproxy."""
     rule: str | None = None
     description: str = ""
+    protocol: str = "postgres"
+    on_request: bool = False
+    """Measured only when named in --targets (a diagnostic, not part of the standard run)."""
 
     @property
     def has_proxy_process(self) -> bool:
@@ -49,6 +52,9 @@ TARGETS: tuple[Target, ...] = (
            description=f"wirefault with {NEVER_FIRING_RULE} (a rule that never fires)"),
     Target("wirefault-allow", "wirefault", ALLOW_RULE,
            description=f"wirefault with {ALLOW_RULE}"),
+    Target("wirefault-raw", "wirefault", ALLOW_RULE, protocol="raw", on_request=True,
+           description="wirefault with --protocol raw: the relay alone, no framing "
+                       "(the ceiling of the Python relay)"),
     Target("haproxy", "haproxy",
            description="HAProxy mode tcp, one thread (the relay reference)"),
 )
@@ -119,9 +125,9 @@ def _mitmdump_command(port: int, upstream: int) -> list[str]:
             "--set", "connection_strategy=lazy"]
 
 
-def _wirefault_command(port: int, upstream: int, rule: str) -> list[str]:
+def _wirefault_command(port: int, upstream: int, rule: str, protocol: str) -> list[str]:
     return [sys.executable, "-m", "wirefault.proxy.runner", "--listen", f"127.0.0.1:{port}",
-            "--upstream", f"127.0.0.1:{upstream}", "--protocol", "postgres", "--rule", rule]
+            "--upstream", f"127.0.0.1:{upstream}", "--protocol", protocol, "--rule", rule]
 
 
 HAPROXY_CONFIG = """\
@@ -188,7 +194,8 @@ def started(target: Target, pg: PostgresServer, haproxy: str | None = None
         if target.kind == "mitmdump":
             command = _mitmdump_command(port, pg.port)
         elif target.kind == "wirefault":
-            command = _wirefault_command(port, pg.port, target.rule or ALLOW_RULE)
+            command = _wirefault_command(port, pg.port, target.rule or ALLOW_RULE,
+                                         target.protocol)
         elif target.kind == "haproxy":
             if haproxy is None:
                 raise RuntimeError("haproxy is not installed")

@@ -1,0 +1,184 @@
+"""Frames kept compact per read (`FrameBatch`, `FrameRun`): the rules engine and the recorder
+give, batch by batch, exactly what they give frame by frame; a batch forwards the same bytes
+as its frames."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_postgres_protocol import CLIENT_TYPED, SERVER_TYPED, cut, message
+
+from wirefault.protocols import FrameBatch, FrameRun, TypeTable
+from wirefault.protocols.postgres import PROTOCOL
+from wirefault.proxy.faults import FORWARD, ConnectionState
+from wirefault.proxy.recorder import KEEP_FRAME_BYTES, Recorder, RecorderSlot, render_frame
+from wirefault.proxy.rules import RuleEngine
+
+M = PROTOCOL.messages
+STARTUP = M["StartupMessage"].encode(user="u", database="d")
+
+RULES = [
+    "conn.allow()",
+    'conn.onQuery(query="^NEVER").kill()',
+    'conn.onQuery(query="^SELECT").after(1).kill()',
+    "conn.onDataRow().after(3).kill()",
+    "conn.onReadyForQuery().after(2).killall()",
+    "conn.onCopyData().after(2).reset()",
+    'conn.onCommandComplete(command="1").kill()',
+    'conn.matches(b"[0-9]{2}").after(1).kill()',
+    'conn.contains(b"a").kill()',
+    "conn.after(5).kill()",
+    "conn.connect_delay(10)",
+    "conn.onTerminate().kill()",
+    "conn.onSync().after(1).kill()",
+]
+
+
+@st.composite
+def conversations(draw: st.DrawFn) -> list[tuple[bool, bytes]]:
+    """A client stream (start-up first) and a server stream, each cut into reads, the reads
+    of the two directions interleaved in a drawn order."""
+    client = STARTUP + b"".join(d for _, d in draw(st.lists(message(CLIENT_TYPED),
+                                                                max_size=12)))
+    server = b"".join(d for _, d in draw(st.lists(message(SERVER_TYPED), max_size=15)))
+    client_reads = cut(client, draw(st.lists(st.integers(0, 5000), max_size=6)))
+    server_reads = cut(server, draw(st.lists(st.integers(0, 5000), max_size=6)))
+    order = draw(st.permutations([True] * len(client_reads) + [False] * len(server_reads)))
+    reads, queues = [], {True: iter(client_reads), False: iter(server_reads)}
+    for from_client in order:
+        reads.append((from_client, next(queues[from_client])))
+    return reads
+
+
+def batches(reads: list[tuple[bool, bytes]]) -> list[tuple[bool, FrameBatch]]:
+    session = PROTOCOL.new_session()
+    return [(fc, (session.client if fc else session.server).feed_batch(data))
+            for fc, data in reads]
+
+
+def test_a_bulk_read_is_one_run_between_its_partial_ends():
+    row = M["CopyData"].encode(data=b"x" * 200)
+    session = PROTOCOL.new_session()
+    session.server.feed(M["CopyOutResponse"].encode(format=0, column_formats=[0]))
+    first = session.server.feed_batch(row * 10 + row[:50])
+    assert [type(s) for s in first.segments] == [FrameRun]
+    second = session.server.feed_batch(row[50:] + row * 3 + row[:7])
+    head, run = second.segments
+    assert head.type == "CopyData" and head.data == row and head.span == (0, len(row) - 50)
+    assert isinstance(run, FrameRun) and len(run) == 3 and len(second) == 4
+    assert second.payload() == row * 4
+    assert [f.span for f in second[1:]] == [
+        (len(row) - 50 + i * len(row), len(row) - 50 + (i + 1) * len(row)) for i in range(3)]
+    assert run.frames() is run.frames()  # made once, shared by the engine and the layer
+
+
+@settings(max_examples=150, deadline=None)
+@given(reads=conversations())
+def test_a_batch_is_the_sequence_of_the_frames_it_forwards(reads):
+    for _, batch in batches(reads):
+        frames = list(batch)
+        assert len(batch) == len(frames) and bool(batch) == bool(frames)
+        assert batch.payload() == b"".join(f.data for f in frames)
+        for segment in batch.segments:
+            if isinstance(segment, FrameRun):
+                assert all(segment.table[b] is not None for b in segment.types)
+                assert all(f.alias is None and f.error is None for f in segment.frames())
+
+
+def test_type_table_codes_name_each_message_once():
+    table = TypeTable([None] * 256)  # a new table joins the registry under its index
+    assert TypeTable.known[table.index] is table
+    from wirefault.protocols._pg_framer import _BACKEND_TABLE, _FRONTEND_TABLE
+    assert _FRONTEND_TABLE.codes(frozenset({"Query", "Sync"})) == b"QS"
+    assert _BACKEND_TABLE.codes(frozenset({"Query"})) == b""
+    with pytest.raises(ValueError):
+        TypeTable([None])
+
+
+def _frame_by_frame(engine: RuleEngine, batch: FrameBatch, state: ConnectionState,
+                    from_client: bool):
+    """What the layer did before batches: count, then decide, each frame in turn."""
+    for index, frame in enumerate(batch):
+        if from_client:
+            state.client_frames_seen += 1
+        decision = engine.decide(frame, state)
+        if decision is not FORWARD:
+            return index, decision
+    return None
+
+
+def _effective(state: ConnectionState, engine: RuleEngine) -> tuple[int, list[int]]:
+    """The state as decisions see it (counters start fresh lazily, on a new rule's first
+    decision)."""
+    fresh = state.generation != engine.rule.generation
+    return state.client_frames_seen, [0] * engine.rule.after_nodes if fresh else state.after_counts
+
+
+@settings(max_examples=300, deadline=None)
+@given(rule=st.sampled_from(RULES), reads=conversations())
+def test_first_fault_decides_exactly_as_frame_by_frame(rule, reads):
+    by_batch, by_frame = RuleEngine(PROTOCOL, rule), RuleEngine(PROTOCOL, rule)
+    batch_state, frame_state = ConnectionState(), ConnectionState()
+    for (from_client, batch), (_, same) in zip(batches(reads), batches(reads), strict=True):
+        got = by_batch.first_fault(batch, batch_state, from_client)
+        expected = _frame_by_frame(by_frame, same, frame_state, from_client)
+        assert got == expected
+        assert _effective(batch_state, by_batch) == _effective(frame_state, by_frame)
+        assert by_batch.rule.shared == by_frame.rule.shared
+
+
+def _reference_dump(rows: list[tuple[int, bool, str]], limit: int) -> str:
+    kept = rows[-limit:]
+    lines = []
+    if len(rows) > limit:
+        lines.append(f"-1\trecorder\t{len(rows) - limit} frames dropped "
+                     f"(ring buffer limit {limit})")
+    for number, from_client, text in kept:
+        escaped = (text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+                   .replace("\r", "\\r"))
+        lines.append(f"{number}\t{'coordinator' if from_client else 'worker'}\t{escaped}")
+    return "\n".join(lines)
+
+
+@settings(max_examples=200, deadline=None)
+@given(reads=conversations(), limit=st.sampled_from([1, 2, 5, 13, 40, 100_000]),
+       connections=st.integers(1, 3))
+def test_recorded_batches_dump_as_the_frames_would(reads, limit, connections):
+    recorder = Recorder(limit=limit, messages=M)
+    slots = [RecorderSlot() for _ in range(connections)]
+    expected = []
+    for index, (from_client, batch) in enumerate(batches(reads)):
+        slot = slots[index % connections]
+        recorder.record_batch(slot, batch)
+        expected += [(slot.number, from_client, render_frame(f)) for f in batch
+                     if f.type != "Terminate"]
+    assert len(recorder) == min(limit, len(expected))
+    assert recorder.dump() == _reference_dump(expected, limit)
+    assert recorder.dump() == ""
+
+
+def test_a_run_of_large_frames_is_rendered_at_once_and_pins_nothing():
+    big = M["CopyData"].encode(data=b"y" * (KEEP_FRAME_BYTES * 4))
+    small = M["CopyData"].encode(data=b"z")
+    session = PROTOCOL.new_session()
+    recorder = Recorder(messages=M)
+    recorder.record_batch(RecorderSlot(), session.server.feed_batch(big * 3))
+    (_, _, key, payload), = list(recorder._rows)[:1]
+    assert key is None and len(payload) < 5000  # rendered and cut, not the frame's bytes
+    # a small run inside a large read keeps a copy of its own bytes, not the whole read
+    session.server.feed_batch(big[:100])
+    batch = session.server.feed_batch(big[100:] + small * 2)
+    recorder.record_batch(RecorderSlot(), batch)
+    run_row = list(recorder._rows)[-1]
+    assert isinstance(run_row[2], int) and run_row[3][0] == small * 2
+    assert recorder.dump().count("CopyData(data=z)") == 2
+
+
+def test_terminate_in_a_run_is_left_out_like_a_single_one():
+    session = PROTOCOL.new_session()
+    session.client.feed(STARTUP)
+    recorder = Recorder(messages=M)
+    recorder.record_batch(RecorderSlot(), session.client.feed_batch(
+        M["Sync"].encode() + M["Terminate"].encode()))
+    assert recorder.dump() == "0\tcoordinator\tSync()"
