@@ -125,9 +125,13 @@ class PgFramer:
         """Frames complete typed messages with a plain type byte from `pos`, as one run;
         stops at the first one needing more thought (partial, shared or unknown type, bad
         length)."""
-        stop, types, ends = scan(data, pos, self._table.plain, self._max_length)
-        if stop != pos:
-            frames.append(FrameRun(data, pos, stop, types, ends, self._table, self.from_client))
+        table = self._table
+        stop, types, ends = scan(data, pos, table.plain, self._max_length)
+        if len(types) > 1:
+            frames.append(FrameRun(data, pos, stop, types, ends, table, self.from_client))
+        elif types:  # one frame (a request, say): a Frame costs less than a run of one
+            spec = table.specs[types[0]]
+            frames.append(Frame(spec.name, data[pos:stop], (pos, stop), self.from_client, spec))
         return stop
 
     # --- everything else ------------------------------------------------------------------

@@ -107,7 +107,7 @@ class Recorder:
 
     def record_batch(self, slot: RecorderSlot, batch: FrameBatch) -> None:
         """Records a read's frames; runs of small frames as one row each."""
-        number = self._number(slot)
+        number = slot.number if slot.epoch == self._epoch else self._number(slot)
         for segment in batch.segments:
             if type(segment) is FrameRun:
                 if not self._add_run(number, segment):

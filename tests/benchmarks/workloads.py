@@ -84,23 +84,39 @@ def prepare(bench: Bench) -> None:
 
 _TPS = re.compile(r"^tps = ([\d.]+) \((?:without|excluding) initial connection", re.M)
 _LATENCY = re.compile(r"^latency average = ([\d.]+) ms", re.M)
+_TRANSACTIONS = re.compile(r"number of transactions actually processed: (\d+)")
 _FAILED = re.compile(r"^number of failed transactions: (\d+)", re.M)
 
 
-def pgbench(bench: Bench, port: int, seconds: int, clients: int, threads: int
-            ) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time `pid` has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pgbench(bench: Bench, port: int, seconds: int, clients: int, threads: int,
+            proxy_pid: int | None = None) -> dict[str, float]:
+    """pgbench -S against `port`; with `proxy_pid`, also that process's CPU time per
+    transaction (a steadier figure than tps on a busy or small machine)."""
     command = [bench.pg.bin("pgbench"), "-n", "-S", "-T", str(seconds), "-c", str(clients),
                "-j", str(threads)]
+    cpu_before = cpu_seconds(proxy_pid) if proxy_pid else 0.0
     result = subprocess.run(command, env=bench.env(port), capture_output=True, text=True,
                             timeout=seconds + 120)
     tps = _TPS.search(result.stdout)
-    if result.returncode != 0 or not tps:
+    transactions = _TRANSACTIONS.search(result.stdout)
+    if result.returncode != 0 or not tps or not transactions:
         raise RuntimeError(f"pgbench failed ({result.returncode}): {result.stderr[-500:]}")
     latency = _LATENCY.search(result.stdout)
     failed = _FAILED.search(result.stdout)
-    return {"tps": float(tps.group(1)),
-            "latency_ms": float(latency.group(1)) if latency else float("nan"),
-            "failed": float(failed.group(1)) if failed else 0.0}
+    figures = {"tps": float(tps.group(1)),
+               "latency_ms": float(latency.group(1)) if latency else float("nan"),
+               "failed": float(failed.group(1)) if failed else 0.0}
+    if proxy_pid:
+        cpu = cpu_seconds(proxy_pid) - cpu_before
+        figures["proxy_cpu_us"] = cpu / int(transactions.group(1)) * 1e6
+    return figures
 
 
 def warm_up(bench: Bench, listener: Listener) -> None:
@@ -109,12 +125,14 @@ def warm_up(bench: Bench, listener: Listener) -> None:
 
 def pgbench_1(bench: Bench, listener: Listener) -> dict[str, float]:
     warm_up(bench, listener)
-    return pgbench(bench, listener.port, bench.sizes.pgbench_seconds, clients=1, threads=1)
+    return pgbench(bench, listener.port, bench.sizes.pgbench_seconds, clients=1, threads=1,
+                   proxy_pid=listener.pid)
 
 
 def pgbench_8(bench: Bench, listener: Listener) -> dict[str, float]:
     warm_up(bench, listener)
-    return pgbench(bench, listener.port, bench.sizes.pgbench_seconds, clients=8, threads=2)
+    return pgbench(bench, listener.port, bench.sizes.pgbench_seconds, clients=8, threads=2,
+                   proxy_pid=listener.pid)
 
 
 # --- COPY ---------------------------------------------------------------------------------
@@ -293,11 +311,15 @@ def _mib_metric(key: str, label: str) -> Metric:
     return Metric(key, label, "MiB", ratio=False, digits=1)
 
 
+_PROXY_CPU = Metric("proxy_cpu_us", "proxy CPU per transaction", "us", ratio=False, digits=1)
+
 WORKLOADS: tuple[Workload, ...] = (
     Workload("pgbench-1", pgbench_1, "pgbench -S -c 1 -j 1: one client, latency-bound",
-             (Metric("tps", "tps", "tps"), Metric("latency_ms", "latency", "ms", digits=3))),
+             (Metric("tps", "tps", "tps"), Metric("latency_ms", "latency", "ms", digits=3),
+              _PROXY_CPU)),
     Workload("pgbench-8", pgbench_8, "pgbench -S -c 8 -j 2: eight clients",
-             (Metric("tps", "tps", "tps"), Metric("latency_ms", "latency", "ms", digits=3))),
+             (Metric("tps", "tps", "tps"), Metric("latency_ms", "latency", "ms", digits=3),
+              _PROXY_CPU)),
     Workload("copy-out", copy_out, "COPY (SELECT ...) TO STDOUT, psql to /dev/null",
              (Metric("mb_per_s", "throughput", "MB/s", digits=1),)),
     Workload("copy-in", copy_in, "COPY bench_copy FROM STDIN from a prepared file",
