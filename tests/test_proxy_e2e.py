@@ -306,6 +306,25 @@ def test_bulk_copy_out_and_in_arrive_intact(proxy, pg, control, table):
             200000, 200000 * 200001 // 2)
 
 
+def test_a_fault_deep_in_a_bulk_copy_fires_at_its_exact_frame(proxy, pg, control):
+    """In bulk traffic most frames are never looked at one by one (runs are skipped when the
+    rule's first filter cannot match): the one that matches must still be found exactly."""
+    control.send('conn.onCopyData(data="^150000\\t").kill()')
+    query = "COPY (SELECT g, md5(g::text) FROM generate_series(1, 200000) g) TO STDOUT"
+    received: list[bytes] = []
+    with (through(proxy, pg) as proxied, pytest.raises(psycopg.OperationalError),
+          proxied.cursor().copy(query) as copy):
+        for block in copy:
+            received += bytes(block).splitlines()
+    assert len(received) == 149_999
+    assert [int(row.split(b"\t")[0]) for row in received[-2:]] == [149_998, 149_999]
+    rows = control.dump()
+    assert rows[0].source == "recorder" and "frames dropped" in rows[0].message
+    assert rows[-1].message.startswith("CopyData(data=150000\t"), rows[-1]
+    assert rows[-2].message.startswith("CopyData(data=149999\t"), rows[-2]
+    assert len(rows) == 1 + 100_000  # the default ring: the last 100,000 frames
+
+
 def test_runner_refuses_a_bad_initial_rule_with_one_line(tmp_path):
     from proxy_helpers import BIN
 
