@@ -21,19 +21,38 @@ from mitmproxy.proxy import commands, events
 logger = logging.getLogger(__name__)
 
 
-class _Side(asyncio.Protocol):
-    """One socket's protocol while the fast path owns it."""
+_OPEN = ConnectionState.OPEN
+_CAN_WRITE = ConnectionState.CAN_WRITE
 
-    __slots__ = ("connection", "relay", "transport")
+
+class _Side(asyncio.Protocol):
+    """One socket's protocol while the fast path owns it.
+
+    A read is relayed here, not through a dict keyed by mitmproxy's `Connection` (whose hash
+    is Python code) nor with `Flag` arithmetic on its state (an enum call), both of which
+    cost as much per read as the rest of the relay."""
+
+    __slots__ = ("connection", "from_client", "peer", "relay", "transport")
 
     def __init__(self, relay: FastRelay, connection: Connection,
-                 transport: asyncio.Transport) -> None:
+                 transport: asyncio.Transport, from_client: bool) -> None:
         self.relay = relay
         self.connection = connection
         self.transport = transport
+        self.from_client = from_client
+        self.peer: _Side = self
 
     def data_received(self, data: bytes) -> None:
-        self.relay.data_received(self.connection, data)
+        relay = self.relay
+        relay.on_activity()
+        out = relay.relay_read(self.from_client, data)
+        if type(out) is bytes:
+            peer = self.peer
+            state = peer.connection.state
+            if out and (state is _OPEN or state & _CAN_WRITE):
+                peer.transport.write(out)
+        else:
+            relay.execute(out)  # type: ignore[arg-type]
 
     def eof_received(self) -> bool:
         self.relay.eof_received(self.connection)
@@ -74,10 +93,10 @@ class FastRelay:
         self.on_activity = on_activity
         self.on_finished = on_finished
         self.finished = False
-        self.sides = {conn: _Side(self, conn, t) for conn, t in transports.items()}
-        first, second = transports
-        self.peer = {first: second, second: first}
-        self.peer_transport = {first: transports[second], second: transports[first]}
+        self.sides = {conn: _Side(self, conn, t, conn is client)
+                      for conn, t in transports.items()}
+        first, second = self.sides.values()
+        first.peer, second.peer = second, first
         self._timers: set[asyncio.TimerHandle] = set()
 
     def start(self) -> None:
@@ -87,15 +106,6 @@ class FastRelay:
                 side.transport.resume_reading()
 
     # -- transport callbacks ----------------------------------------------------------------
-
-    def data_received(self, connection: Connection, data: bytes) -> None:
-        self.on_activity()
-        out = self.relay_read(connection is self.client, data)
-        if type(out) is bytes:
-            if out and self.peer[connection].state & ConnectionState.CAN_WRITE:
-                self.peer_transport[connection].write(out)
-        else:
-            self.execute(out)  # type: ignore[arg-type]
 
     def eof_received(self, connection: Connection) -> None:
         connection.state &= ~ConnectionState.CAN_READ

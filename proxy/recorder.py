@@ -76,14 +76,17 @@ class Recorder:
         self.messages = messages or {}
         self.client_label = client_label
         self.server_label = server_label
-        self._rows: deque[Row] = deque()
+        self._chunk_frames = max(limit // 8, 64)
+        """Rows are kept in chunks of about this many frames; the oldest chunk is dropped
+        whole once the others hold `limit` frames, so forgetting costs nothing per row."""
+        self._chunks: deque[tuple[list[Row], int]] = deque()
+        """Full chunks, oldest first, with their frame counts."""
+        self._rows: list[Row] = []
+        """The chunk being filled."""
+        self._rows_frames = 0
         self._held = 0
-        """Frames in `_rows`, less `_skip`: up to `limit` plus `_slack`, trimmed to `limit`
-        when dumped."""
-        self._slack = max(limit // 16, 64)
-        """Evicting a few rows at a time, not at every read, is cheaper."""
-        self._skip = 0
-        """Frames of the first row (a run) already dropped from the ring."""
+        """Frames in every chunk: `limit` to `limit` + a chunk once full; a dump shows the
+        newest `limit` of them."""
         self._count = 0
         """Frames recorded since the last dump or reset; those beyond `limit` were dropped."""
         self._epoch = 0
@@ -91,7 +94,7 @@ class Recorder:
         self._skipped_codes: dict[TypeTable, bytes] = {}
 
     def __len__(self) -> int:
-        return min(self._held, self.limit)
+        return min(self._held + self._rows_frames, self.limit)
 
     def _number(self, slot: RecorderSlot) -> int:
         if slot.epoch != self._epoch:
@@ -102,8 +105,8 @@ class Recorder:
 
     def record(self, slot: RecorderSlot, frame: Frame) -> None:
         self._add_frame(self._number(slot), frame)
-        if self._held > self.limit + self._slack:
-            self._evict()
+        if self._rows_frames >= self._chunk_frames:
+            self._close_chunk()
 
     def record_batch(self, slot: RecorderSlot, batch: FrameBatch) -> None:
         """Records a read's frames; runs of small frames as one row each."""
@@ -115,14 +118,14 @@ class Recorder:
                         self._add_frame(number, frame)
             else:
                 self._add_frame(number, segment)  # type: ignore[arg-type]
-        if self._held > self.limit + self._slack:
-            self._evict()
+        if self._rows_frames >= self._chunk_frames:
+            self._close_chunk()
 
     def _add_frame(self, number: int, frame: Frame) -> None:
         if frame.type in SKIPPED_TYPES:
             return
         self._count += 1
-        self._held += 1
+        self._rows_frames += 1
         if frame.spec is not None and len(frame.data) <= KEEP_FRAME_BYTES:
             self._rows.append((number, frame.from_client, frame.type, frame.data))
         else:
@@ -150,25 +153,16 @@ class Recorder:
         self._rows.append((number, run.from_client, table.index,
                            (blob, base, start, run.types, run.ends)))
         self._count += count
-        self._held += count
+        self._rows_frames += count
         return True
 
-    def _evict(self) -> None:
-        """Drops the oldest frames until `limit` are held (part of a run: `_skip`)."""
-        rows = self._rows
-        excess = self._held - self.limit
-        while excess > 0:
-            first = rows[0]
-            size = (len(first[3][3]) if type(first[2]) is int else 1) - self._skip  # type: ignore[index]
-            if size <= excess:
-                rows.popleft()
-                self._skip = 0
-                excess -= size
-                self._held -= size
-            else:
-                self._skip += excess
-                self._held -= excess
-                excess = 0
+    def _close_chunk(self) -> None:
+        self._chunks.append((self._rows, self._rows_frames))
+        self._held += self._rows_frames
+        self._rows, self._rows_frames = [], 0
+        chunks = self._chunks
+        while self._held - chunks[0][1] >= self.limit:
+            self._held -= chunks.popleft()[1]
 
     def reset(self) -> None:
         """Forget everything and restart connection numbers at 0."""
@@ -177,14 +171,14 @@ class Recorder:
         self._next_number = 0
 
     def _clear(self) -> None:
-        self._rows.clear()
-        self._held = self._skip = self._count = 0
+        self._chunks.clear()
+        self._rows = []
+        self._held = self._rows_frames = self._count = 0
 
     def dump(self) -> str:
         """COPY text rows `conn<TAB>source<TAB>message` since the last dump or reset, cleared."""
-        self._evict()
         lines = []
-        dropped = self._count - self._held
+        dropped = self._count - len(self)
         if dropped:
             lines.append(
                 f"-1\trecorder\t{dropped} frames dropped (ring buffer limit {self.limit})"
@@ -196,17 +190,28 @@ class Recorder:
         return "\n".join(lines)
 
     def _messages(self) -> Iterator[tuple[int, bool, str]]:
-        skip = self._skip
-        for number, from_client, key, payload in self._rows:
-            if key is None:
-                yield number, from_client, payload  # type: ignore[misc]
-            elif type(key) is int:
-                frames = frames_of(*payload, TypeTable.known[key], from_client)  # type: ignore[misc]
-                for frame in frames[skip:]:
+        """The newest `limit` frames, rendered, oldest first."""
+        skip = self._held + self._rows_frames - self.limit  # frames past the limit
+        for rows in [*(chunk for chunk, _ in self._chunks), self._rows]:
+            for number, from_client, key, payload in rows:
+                if type(key) is int:
+                    frames = frames_of(*payload, TypeTable.known[key],  # type: ignore[misc]
+                                       from_client)
+                    if skip > 0:
+                        skip -= len(frames)
+                        if skip >= 0:
+                            continue
+                        frames = frames[skip:]
+                    for frame in frames:
+                        yield number, from_client, render_frame(frame)
+                    continue
+                if skip > 0:
+                    skip -= 1
+                    continue
+                if key is None:
+                    yield number, from_client, payload  # type: ignore[misc]
+                else:
+                    data: bytes = payload  # type: ignore[assignment]
+                    frame = Frame(key, data, (0, len(data)), from_client,  # type: ignore[arg-type]
+                                  self.messages.get(key))  # type: ignore[arg-type]
                     yield number, from_client, render_frame(frame)
-            else:
-                data: bytes = payload  # type: ignore[assignment]
-                frame = Frame(key, data, (0, len(data)), from_client,  # type: ignore[arg-type]
-                              self.messages.get(key))  # type: ignore[arg-type]
-                yield number, from_client, render_frame(frame)
-            skip = 0

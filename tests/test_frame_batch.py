@@ -158,6 +158,26 @@ def test_recorded_batches_dump_as_the_frames_would(reads, limit, connections):
     assert recorder.dump() == ""
 
 
+@settings(max_examples=15, deadline=None)
+@given(cuts=st.lists(st.integers(0, 10**6), min_size=50, max_size=300),
+       limit=st.sampled_from([1, 7, 100, 999]))
+def test_a_long_bulk_stream_keeps_the_newest_frames_and_bounded_rows(cuts, limit):
+    rows = b"".join(M["CopyData"].encode(data=b"%d\n" % i) for i in range(2000))
+    session = PROTOCOL.new_session()
+    recorder = Recorder(limit=limit, messages=M)
+    slot = RecorderSlot()
+    expected, largest_read = [], 0
+    for data in cut(rows, cuts):
+        batch = session.server.feed_batch(data)
+        recorder.record_batch(slot, batch)
+        expected += [(0, False, render_frame(f)) for f in batch]
+        largest_read = max(largest_read, len(batch))
+        held = sum(count for _, count in recorder._chunks) + recorder._rows_frames
+        assert held <= limit + 2 * (recorder._chunk_frames + largest_read)  # bounded memory
+    assert len(expected) == 2000
+    assert recorder.dump() == _reference_dump(expected, limit)
+
+
 def test_a_run_of_large_frames_is_rendered_at_once_and_pins_nothing():
     big = M["CopyData"].encode(data=b"y" * (KEEP_FRAME_BYTES * 4))
     small = M["CopyData"].encode(data=b"z")

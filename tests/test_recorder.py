@@ -54,12 +54,12 @@ def test_copy_escaping():
 def test_ring_buffer_is_bounded_and_reports_drops_first():
     rec = Recorder(limit=10, messages=RAW_PROTOCOL.messages)
     slot = RecorderSlot()
-    for i in range(25):
+    for i in range(2500):
         rec.record(slot, data_frame(str(i).encode()))
     assert len(rec) == 10
     rows = rec.dump().splitlines()
-    assert rows[0] == "-1\trecorder\t15 frames dropped (ring buffer limit 10)"
-    assert rows[1] == "0\tcoordinator\tData(data=15)" and len(rows) == 11
+    assert rows[0] == "-1\trecorder\t2490 frames dropped (ring buffer limit 10)"
+    assert rows[1] == "0\tcoordinator\tData(data=2490)" and len(rows) == 11
 
 
 def test_large_frames_are_rendered_at_once_and_truncated():
