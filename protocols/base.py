@@ -8,6 +8,7 @@ decoding fields is paid only when `Frame.fields` is first read.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -162,12 +163,15 @@ def text_of(value: Any) -> str:
 
 
 _CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c not in (9, 10, 13)}
+_CONTROL = re.compile("[\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f]")  # the keys above
 
 
 def printable(text: str) -> str:
     """`text` with control characters (NUL included) shown as `\\xNN`, for readable dumps.
 
     Tab, newline and carriage return stay: the recorder's COPY escaping shows them."""
+    if _CONTROL.search(text) is None:  # the usual case: a search costs less than translate
+        return text
     return text.translate(_CONTROL_ESCAPES)
 
 

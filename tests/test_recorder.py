@@ -114,3 +114,12 @@ def test_a_full_ring_gives_the_garbage_collector_nothing_to_traverse():
         rec.record(RecorderSlot(), data_frame(str(i).encode()))
     gc.collect()
     assert not any(gc.is_tracked(row) for row in rec._rows)
+
+
+def test_printable_escapes_exactly_the_control_characters_a_dump_cannot_show():
+    from wirefault.protocols.base import printable
+
+    shown = {c for c in range(0x80) if printable(chr(c)) != chr(c)}
+    assert shown == {*range(0x20), 0x7F} - {9, 10, 13}
+    assert printable("plain text, é\t\n") == "plain text, é\t\n"
+    assert printable("a\x00b\x1bc") == "a\\x00b\\x1bc"
