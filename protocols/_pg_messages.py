@@ -27,6 +27,7 @@ from construct import (
     Int16ub,
     Int32sb,
     Int32ub,
+    Renamed,
     Struct,
 )
 
@@ -169,7 +170,16 @@ def _add(
         decode=decode,
         encode=encode,
         doc=doc,
+        payload_offset=5 if wire.kind == TYPED and _is_one_payload(wire.layout) else None,
     )
+
+
+def _is_one_payload(layout: Construct) -> bool:
+    """Whether `layout` is a single bytes field running to the end (GreedyBytes)."""
+    if not isinstance(layout, Struct) or len(layout.subcons) != 1:
+        return False
+    field = layout.subcons[0]
+    return isinstance(field, Renamed) and field.subcon is GreedyBytes
 
 
 def typed(

@@ -42,6 +42,10 @@ class MessageSpec:
     decode: Callable[[bytes], dict[str, Any]]
     encode: Callable[..., bytes]
     doc: str = ""
+    payload_offset: int | None = None
+    """Set when the message is this many header bytes followed by its only field, a bytes
+    payload to the end of the frame (PostgreSQL's CopyData): such a frame renders from the
+    start of its payload and its size (`render_payload`), without decoding or copying it."""
 
 
 class Frame:
@@ -123,13 +127,26 @@ class Frame:
         return f"<Frame {direction} {self.type} {len(self.data)}B span={self.span}>"
 
 
-def _rendered_value(value: Any, max_chars: int | None, max_bytes: int | None) -> str:
-    """A field's text for `Frame.render`, cut (and marked as cut) to the given limits."""
+def render_payload(spec: MessageSpec, head: bytes, size: int, max_value_chars: int | None,
+                   max_bytes: int) -> str:
+    """`Frame.render(max_value_chars, max_bytes)` of a frame of a payload message (see
+    `MessageSpec.payload_offset`) whose payload is `size` bytes long and starts with `head`
+    (at least its first `max_bytes` bytes)."""
+    (field_name,) = spec.fields
+    value = _rendered_value(head, max_value_chars, max_bytes, size)
+    return f"{spec.name}({field_name}={value})"
+
+
+def _rendered_value(value: Any, max_chars: int | None, max_bytes: int | None,
+                    full_size: int | None = None) -> str:
+    """A field's text for `Frame.render`, cut (and marked as cut) to the given limits.
+    `full_size`: the length of a bytes value of which `value` is the start."""
     size = ""
-    if (max_bytes is not None and isinstance(value, bytes | bytearray | memoryview)
-            and len(value) > max_bytes):
-        size = f"...({len(value)} bytes)"
-        value = value[:max_bytes]
+    if max_bytes is not None and isinstance(value, bytes | bytearray | memoryview):
+        length = len(value) if full_size is None else full_size
+        if length > max_bytes:
+            size = f"...({length} bytes)"
+            value = value[:max_bytes]
     text = text_of(value)
     if max_chars is not None and len(text) > max_chars:
         size = size or f"...({len(text)} chars)"

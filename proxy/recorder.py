@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from wirefault.protocols import Frame, FrameBatch, FrameRun, MessageSpec, TypeTable
+from wirefault.protocols.base import render_payload
 from wirefault.protocols.batch import frames_of
 
 DEFAULT_LIMIT = 100_000
@@ -55,7 +56,8 @@ class RecorderSlot:
 
 Row = tuple[int, bool, object, object]
 """(connection number, from_client, key, payload), by key:
-- a type name: payload is the frame's bytes;
+- a type name: payload is the frame's bytes, or for a large frame of a payload message
+  (`MessageSpec.payload_offset`) the start of its payload and the payload's size;
 - None: payload is the frame already rendered;
 - an int: a run; the key is its `TypeTable.index` and payload is
   (bytes, their offset in the read, start of the first frame, types, ends) (see `FrameRun`).
@@ -92,6 +94,7 @@ class Recorder:
         self._epoch = 0
         self._next_number = 0
         self._skipped_codes: dict[TypeTable, bytes] = {}
+        self._payload_specs: dict[str, MessageSpec] = {}
 
     def __len__(self) -> int:
         return min(self._held + self._rows_frames, self.limit)
@@ -114,22 +117,46 @@ class Recorder:
         for segment in batch.segments:
             if type(segment) is FrameRun:
                 if not self._add_run(number, segment):
-                    for frame in segment.frames():
-                        self._add_frame(number, frame)
+                    self._add_run_frames(number, segment)
             else:
                 self._add_frame(number, segment)  # type: ignore[arg-type]
         if self._rows_frames >= self._chunk_frames:
             self._close_chunk()
 
     def _add_frame(self, number: int, frame: Frame) -> None:
-        if frame.type in SKIPPED_TYPES:
+        self._add(number, frame.from_client, frame.type, frame.spec, frame.data, 0,
+                  len(frame.data), frame)
+
+    def _add_run_frames(self, number: int, run: FrameRun) -> None:
+        """A run's frames one row each, without making a `Frame` for those kept raw."""
+        specs = run.table.specs
+        data, start, from_client = run.data, run.start, run.from_client
+        for type_byte, end in zip(run.types, memoryview(run.ends).cast("q").tolist(),
+                                  strict=True):
+            spec: MessageSpec = specs[type_byte]  # type: ignore[assignment]
+            self._add(number, from_client, spec.name, spec, data, start, end)
+            start = end
+
+    def _add(self, number: int, from_client: bool, type_name: str, spec: MessageSpec | None,
+             data: bytes, start: int, end: int, frame: Frame | None = None) -> None:
+        """Records the frame `data[start:end]` (`frame`, when one was made)."""
+        if type_name in SKIPPED_TYPES:
             return
         self._count += 1
         self._rows_frames += 1
-        if frame.spec is not None and len(frame.data) <= KEEP_FRAME_BYTES:
-            self._rows.append((number, frame.from_client, frame.type, frame.data))
+        if spec is not None and end - start <= KEEP_FRAME_BYTES:
+            whole = data if start == 0 and end == len(data) else data[start:end]
+            self._rows.append((number, from_client, type_name, whole))
+        elif spec is not None and spec.payload_offset is not None:
+            # rendering keeps only the start of the payload: keep that and the size
+            first = start + spec.payload_offset
+            self._payload_specs[type_name] = spec
+            self._rows.append((number, from_client, type_name,
+                               (data[first:first + MAX_RENDERED_BYTES], end - first)))
         else:
-            self._rows.append((number, frame.from_client, None, render_frame(frame)))
+            if frame is None:
+                frame = Frame(type_name, data[start:end], (start, end), from_client, spec)
+            self._rows.append((number, from_client, None, render_frame(frame)))
 
     def _add_run(self, number: int, run: FrameRun) -> bool:
         """Keeps `run` as one row; False when its frames must be kept one by one (large
@@ -210,6 +237,11 @@ class Recorder:
                     continue
                 if key is None:
                     yield number, from_client, payload  # type: ignore[misc]
+                elif type(payload) is tuple:
+                    head, size = payload
+                    yield number, from_client, render_payload(
+                        self._payload_specs[key], head, size,  # type: ignore[index]
+                        MAX_RENDERED_CHARS, MAX_RENDERED_BYTES)
                 else:
                     data: bytes = payload  # type: ignore[assignment]
                     frame = Frame(key, data, (0, len(data)), from_client,  # type: ignore[arg-type]

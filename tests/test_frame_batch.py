@@ -12,7 +12,13 @@ from test_postgres_protocol import CLIENT_TYPED, SERVER_TYPED, cut, message
 from wirefault.protocols import FrameBatch, FrameRun, TypeTable
 from wirefault.protocols.postgres import PROTOCOL
 from wirefault.proxy.faults import FORWARD, ConnectionState
-from wirefault.proxy.recorder import KEEP_FRAME_BYTES, Recorder, RecorderSlot, render_frame
+from wirefault.proxy.recorder import (
+    KEEP_FRAME_BYTES,
+    MAX_RENDERED_BYTES,
+    Recorder,
+    RecorderSlot,
+    render_frame,
+)
 from wirefault.proxy.rules import RuleEngine
 
 M = PROTOCOL.messages
@@ -178,14 +184,18 @@ def test_a_long_bulk_stream_keeps_the_newest_frames_and_bounded_rows(cuts, limit
     assert recorder.dump() == _reference_dump(expected, limit)
 
 
-def test_a_run_of_large_frames_is_rendered_at_once_and_pins_nothing():
+def test_large_frames_keep_only_what_their_rendering_shows():
     big = M["CopyData"].encode(data=b"y" * (KEEP_FRAME_BYTES * 4))
+    row = M["DataRow"].encode(values=[b"v" * (KEEP_FRAME_BYTES * 4)])
     small = M["CopyData"].encode(data=b"z")
     session = PROTOCOL.new_session()
     recorder = Recorder(messages=M)
-    recorder.record_batch(RecorderSlot(), session.server.feed_batch(big * 3))
-    (_, _, key, payload), = list(recorder._rows)[:1]
-    assert key is None and len(payload) < 5000  # rendered and cut, not the frame's bytes
+    recorder.record_batch(RecorderSlot(), session.server.feed_batch(big * 2 + row))
+    (_, _, key, payload), _, (_, _, row_key, rendered) = list(recorder._rows)[:3]
+    # a payload message: the start of its payload and its size, not the frame's bytes
+    assert key == "CopyData" and payload == (b"y" * MAX_RENDERED_BYTES, len(big) - 5)
+    # any other message: rendered and cut at once
+    assert row_key is None and rendered.startswith("DataRow(values=[vvv") and len(rendered) < 5000
     # a small run inside a large read keeps a copy of its own bytes, not the whole read
     session.server.feed_batch(big[:100])
     batch = session.server.feed_batch(big[100:] + small * 2)
@@ -193,6 +203,26 @@ def test_a_run_of_large_frames_is_rendered_at_once_and_pins_nothing():
     run_row = list(recorder._rows)[-1]
     assert isinstance(run_row[2], int) and run_row[3][0] == small * 2
     assert recorder.dump().count("CopyData(data=z)") == 2
+
+
+@settings(max_examples=150, deadline=None)
+@given(payloads=st.lists(st.one_of(
+           st.binary(min_size=KEEP_FRAME_BYTES, max_size=3 * KEEP_FRAME_BYTES),
+           st.text(min_size=KEEP_FRAME_BYTES // 2, max_size=KEEP_FRAME_BYTES).map(
+               lambda t: (t * 3).encode("utf-8"))),
+           min_size=1, max_size=4),
+       cuts=st.lists(st.integers(0, 50_000), max_size=4))
+def test_large_payload_frames_dump_exactly_as_rendered_whole(payloads, cuts):
+    """Kept as the start of the payload and its size, the dump still shows what rendering the
+    whole frame shows (cut mid-character, escapes and size mark included)."""
+    frames = [M["CopyData"].encode(data=p) for p in payloads]
+    session = PROTOCOL.new_session()
+    recorder = Recorder(messages=M)
+    slot = RecorderSlot()
+    for data in cut(b"".join(frames), cuts):
+        recorder.record_batch(slot, session.server.feed_batch(data))
+    whole = [render_frame(f) for f in PROTOCOL.new_session().server.feed(b"".join(frames))]
+    assert recorder.dump() == _reference_dump([(0, False, r) for r in whole], 100_000)
 
 
 def test_terminate_in_a_run_is_left_out_like_a_single_one():
