@@ -93,7 +93,6 @@ class Recorder:
         """Frames recorded since the last dump or reset; those beyond `limit` were dropped."""
         self._epoch = 0
         self._next_number = 0
-        self._skipped_codes: dict[TypeTable, bytes] = {}
         self._payload_specs: dict[str, MessageSpec] = {}
 
     def __len__(self) -> int:
@@ -167,9 +166,7 @@ class Recorder:
         if size > count * KEEP_FRAME_BYTES:
             return False
         table = run.table
-        skipped = self._skipped_codes.get(table)
-        if skipped is None:
-            skipped = self._skipped_codes[table] = table.codes(SKIPPED_TYPES)
+        skipped = table.codes(SKIPPED_TYPES)  # cached by the table
         if skipped and run.may_contain(skipped):
             return False
         data = run.data
