@@ -3,6 +3,7 @@
     wirefault send 'conn.onQuery(query="^COMMIT").kill()'   # exit 1 if rejected
     wirefault dump --format json
     wirefault reset
+    wirefault wait-ready --timeout 30                        # exit 2 if no proxy answers
     wirefault proxy --listen 9060 --upstream localhost:5432 --fifo /tmp/wf.fifo
 
 Exit status: 0 on success, 1 when the proxy rejects the command (its message on stderr),
@@ -42,6 +43,10 @@ _EXAMPLES = {
     "allow": """example:
   wirefault allow --fifo /tmp/wf.fifo
 """,
+    "wait-ready": """example:
+  wirefault proxy --listen 9060 --upstream localhost:5432 --fifo /tmp/wf.fifo &
+  wirefault wait-ready --fifo /tmp/wf.fifo --timeout 30 && run_the_suite
+""",
 }
 
 MAIN_EPILOG = f"""example:
@@ -76,9 +81,25 @@ LAZY_COMMANDS: dict[str, Callable[[list[str]], int]] = {
 
 
 def _send(proxy: FaultProxy, args: argparse.Namespace) -> int:
-    reply = proxy.send(args.command)
+    command = _read_stdin_command() if args.command == "-" else args.command
+    reply = proxy.send(command)
     if reply:  # a dump sent by hand
         print(reply)
+    return EXIT_OK
+
+
+def _read_stdin_command() -> str:
+    """`wirefault send -`: the command from standard input (too long for an argument)."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CommandError(f"the command on standard input is not valid UTF-8 (byte "
+                           f"0x{data[exc.start]:02x} at offset {exc.start})") from None
+
+
+def _wait_ready(proxy: FaultProxy, args: argparse.Namespace) -> int:
+    proxy.wait_ready()
     return EXIT_OK
 
 
@@ -165,12 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     add("send", _send, "send one command and print any reply").add_argument(
-        "command", metavar="COMMAND", help='e.g. conn.onQuery(query="^COMMIT").kill()')
+        "command", metavar="COMMAND",
+        help='e.g. conn.onQuery(query="^COMMIT").kill(); - reads it from standard input')
     add("dump", _dump, "print the traffic recorded since the last dump or reset").add_argument(
         "--format", choices=list(FORMATTERS), default="table",
         help="table (default), copy (PostgreSQL COPY text rows) or json")
     add("reset", _reset, "forget the recorded traffic (recorder.reset())")
     add("allow", _allow, "let all traffic through again (conn.allow())")
+    add("wait-ready", _wait_ready,
+        "wait until a proxy answers on the FIFO (exit 0), or the timeout passes (exit 2)")
     commands.add_parser("proxy", add_help=False,
                         help="run the proxy (wirefault proxy --help for its options)")
     commands.add_parser("chaos", add_help=False,

@@ -28,6 +28,7 @@ DEFAULT_TIMEOUT = 10.0
 DUMP = "recorder.dump()"
 RESET = "recorder.reset()"
 ALLOW = "conn.allow()"
+PING = "proxy.ping()"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,12 @@ class FaultProxy:
     def allow(self) -> None:
         """Let all traffic through again (`conn.allow()`)."""
         self.send(ALLOW)
+
+    def wait_ready(self) -> None:
+        """Return once a proxy answers on the FIFO (`proxy.ping()`, which changes nothing);
+        `ProxyUnavailable` when none does within the timeout. The FIFO, and its directory,
+        may appear while this waits."""
+        self.send(PING)
 
     def reset_traffic(self) -> None:
         """Forget the recorded traffic and restart connection numbers (`recorder.reset()`)."""

@@ -1,8 +1,12 @@
 """The mitmproxy addon: installs wirefault's layer for TCP connections and serves commands.
 
-Options (`--set name=value` in mitmdump): `fifo` (command FIFO path), `slug` (the rule in
-force at start), `protocol` (postgres, wallaroo or raw), `kill_grace`, `recorder_limit`,
-`source_labels`, `fifo_reply_timeout`, `max_frame`, `wirefault_flows`.
+Options (`--set name=value` in mitmdump): `fifo` (command FIFO path), `fifo_mode` and
+`fifo_group` (for a FIFO it creates), `slug` (the rule in force at start), `protocol`
+(postgres, wallaroo or raw), `kill_grace`, `recorder_limit`, `source_labels`,
+`fifo_reply_timeout`, `max_frame`, `fast_path`, `wirefault_flows`.
+
+With `--rawtcp` and a reverse target without a scheme (`--mode reverse:HOST:PORT`, as Citus's
+harness starts it), connections are relayed as raw TCP, not as the https mitmproxy assumes.
 """
 
 from __future__ import annotations
@@ -31,21 +35,15 @@ logger = logging.getLogger("wirefault")
 DEFAULT_LABELS = f"{DEFAULT_CLIENT_LABEL},{DEFAULT_SERVER_LABEL}"
 
 
-def _seconds(option: str, text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise OptionsError(f"option {option}: not a number of seconds: {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise OptionsError(f"option {option}: must be a non-negative number of seconds")
-    return value
-
-
 class WirefaultAddon:
-    def __init__(self) -> None:
+    def __init__(self, option_names: dict[str, str] | None = None) -> None:
         self.runtime: ProxyRuntime | None = None
         self.channel: CommandChannel | None = None
         self._running = False
+        self.option_names = option_names or {}
+        """How errors name an option: `--rule` for the runner's `slug`; as itself (what
+        mitmdump's `--set` takes) when absent."""
+        self._raw_tcp_reverse = False
 
     # -- options ---------------------------------------------------------------------------
 
@@ -65,6 +63,10 @@ class WirefaultAddon:
                           "Recorder labels for client and server frames, comma-separated.")
         loader.add_option("fifo_reply_timeout", str, str(DEFAULT_REPLY_TIMEOUT),
                           "Seconds to wait for a FIFO client to read its reply.")
+        loader.add_option("fifo_mode", str, "0600",
+                          "Permission bits (octal) of a command FIFO the proxy creates.")
+        loader.add_option("fifo_group", str | None, None,
+                          "Group (name or gid) of a command FIFO the proxy creates.")
         loader.add_option("max_frame", int, 0,
                           "Largest frame accepted, in bytes (0: the protocol's default).")
         loader.add_option("fast_path", bool, True,
@@ -72,6 +74,9 @@ class WirefaultAddon:
                           "bypassing mitmproxy's per-read machinery.")
         loader.add_option("wirefault_flows", bool, False,
                           "Also create mitmproxy TCP flows and fire tcp_* hooks (slower).")
+
+    def option_error(self, option: str, problem: object) -> OptionsError:
+        return OptionsError(f"{self.option_names.get(option, option)}: {problem}")
 
     def configure(self, updated: set[str]) -> None:
         rebuild = {"protocol", "recorder_limit", "source_labels", "max_frame", "kill_grace",
@@ -82,17 +87,41 @@ class WirefaultAddon:
             try:
                 self.runtime.engine.set_rule_text(ctx.options.slug)
             except dsl.CommandError as exc:
-                raise OptionsError(f"option slug: {exc}") from None
+                raise self.option_error("slug", exc) from None
+        if updated & {"mode", "rawtcp"}:
+            self._raw_tcp_reverse = self._reverse_without_scheme()
         if "fifo" in updated and self._running:
             self._start_channel()
+
+    def _reverse_without_scheme(self) -> bool:
+        """`--rawtcp --mode reverse:HOST:PORT` (Citus's command line) means raw TCP here.
+
+        mitmproxy reads a reverse target without a scheme as https and would speak TLS to
+        the server; with --rawtcp on, wirefault relays such a connection as raw TCP."""
+        opts = ctx.options
+        specs = [m for m in opts.mode if m.startswith("reverse:")]
+        bare = [m for m in specs if "://" not in m.partition(":")[2]]
+        if bare and opts.rawtcp:
+            logger.warning("wirefault: --mode %s has no scheme; relaying raw TCP to it "
+                           "(as reverse:tcp://%s) because --rawtcp is on",
+                           bare[0], bare[0].partition(":")[2])
+            return True
+        return False
 
     def _build_runtime(self) -> ProxyRuntime:
         opts = ctx.options
         try:
             protocol = protocols.get(opts.protocol)
         except ValueError as exc:
-            raise OptionsError(f"option protocol: {exc}") from None
-        client_label, _, server_label = opts.source_labels.partition(",")
+            raise self.option_error("protocol", exc) from None
+        client_label, comma, server_label = opts.source_labels.partition(",")
+        if not (comma and client_label.strip() and server_label.strip()):
+            raise self.option_error("source_labels", "needs two non-empty labels separated "
+                                    f"by a comma, as CLIENT,SERVER: {opts.source_labels!r}")
+        if opts.recorder_limit < 1:
+            raise self.option_error("recorder_limit", f"must be >= 1: {opts.recorder_limit}")
+        if opts.max_frame < 0:
+            raise self.option_error("max_frame", f"must be >= 0: {opts.max_frame}")
         try:
             runtime = ProxyRuntime.create(
                 protocol,
@@ -100,17 +129,31 @@ class WirefaultAddon:
                 limit=opts.recorder_limit,
                 client_label=client_label.strip() or DEFAULT_CLIENT_LABEL,
                 server_label=server_label.strip() or DEFAULT_SERVER_LABEL,
-                kill_grace=_seconds("kill_grace", opts.kill_grace),
+                kill_grace=self._seconds("kill_grace"),
                 max_frame=opts.max_frame or None,
                 make_flows=opts.wirefault_flows,
                 abort_with_rst=self._abort_with_rst,
                 fast_path=opts.fast_path,
                 take_over=self._take_over,
+                deliver_event=self._deliver_event,
+                set_reading=self._set_reading,
             )
         except dsl.CommandError as exc:
-            raise OptionsError(f"option slug: {exc}") from None
+            raise self.option_error("slug", exc) from None
         logger.info("wirefault: protocol %s, rule %s", protocol.name, runtime.engine.rule.text)
         return runtime
+
+    def _seconds(self, option: str, positive: bool = False) -> float:
+        text = getattr(ctx.options, option)
+        try:
+            value = float(text)
+        except ValueError:
+            raise self.option_error(option, f"not a number of seconds: {text!r}") from None
+        if not 0 <= value < float("inf") or (positive and value == 0):
+            bound = "> 0" if positive else ">= 0"
+            raise self.option_error(option, f"must be a finite number of seconds {bound}: "
+                                            f"{text!r}")
+        return value
 
     @staticmethod
     def _abort_with_rst(client_id: str) -> bool:
@@ -120,11 +163,28 @@ class WirefaultAddon:
     def _take_over(client_id: str):
         return mitm_internals.take_over_transports(ctx.master.addons.get("proxyserver"), client_id)
 
+    @staticmethod
+    def _deliver_event(client_id: str, event) -> bool:
+        return mitm_internals.deliver_event(ctx.master.addons.get("proxyserver"), client_id, event)
+
+    @staticmethod
+    def _set_reading(client_id: str, reading: bool) -> None:
+        mitm_internals.set_reading(ctx.master.addons.get("proxyserver"), client_id, reading)
+
     # -- lifecycle -------------------------------------------------------------------------
 
     def running(self) -> None:
         self._running = True
-        self._start_channel()
+        from .command_channel import ChannelError
+
+        try:
+            self._start_channel()
+        except ChannelError as exc:
+            # mitmdump's errorcheck (or the runner's start-up check) ends the start on it.
+            logger.error("%s %s: %s", self.option_names.get("fifo", "fifo"), exc.path,
+                         exc.problem)
+        except OptionsError as exc:
+            logger.error("%s", exc)
 
     def done(self) -> None:
         if self.channel:
@@ -136,18 +196,28 @@ class WirefaultAddon:
             self.channel.close()
             self.channel = None
         if ctx.options.fifo:
-            from .command_channel import CommandChannel
+            from .command_channel import CommandChannel, parse_fifo_mode
 
-            self.channel = CommandChannel(
+            try:
+                mode = parse_fifo_mode(ctx.options.fifo_mode)
+            except ValueError as exc:
+                raise self.option_error("fifo_mode", exc) from None
+            channel = CommandChannel(  # an unknown fifo_group fails in start()
                 ctx.options.fifo, self.handle_command,
-                reply_timeout=_seconds("fifo_reply_timeout", ctx.options.fifo_reply_timeout),
+                reply_timeout=self._seconds("fifo_reply_timeout", positive=True),
+                mode=mode, group=ctx.options.fifo_group or None,
             )
-            self.channel.start()
+            channel.start()  # ChannelError: one line, nothing left behind
+            self.channel = channel
             logger.info("wirefault: listening for commands on %s", ctx.options.fifo)
 
     # -- layers ----------------------------------------------------------------------------
 
     def next_layer(self, nextlayer: mitm_layer.NextLayer) -> None:
+        if (self._raw_tcp_reverse and nextlayer.layer is None and self.runtime is not None
+                and mitm_internals.is_reverse_proxy_start(nextlayer.context)):
+            nextlayer.layer = WirefaultLayer(nextlayer.context, self.runtime)
+            return
         if nextlayer.layer is None:
             # As a mitmdump script we run before mitmproxy's own choice: let it choose first.
             chooser = ctx.master.addons.get("nextlayer")
@@ -166,10 +236,12 @@ class WirefaultAddon:
         """The full reply to one command: "\\n" on success, the error line, or dump rows."""
         assert self.runtime is not None
         try:
-            parsed = dsl.parse(text, self.runtime.protocol)
+            parsed = self.runtime.engine.parse(text)
         except dsl.CommandError as exc:
             logger.warning("wirefault: rejected command %r: %s", text, exc)
             return f"{exc}\n"
+        if isinstance(parsed, dsl.ProxyCommand):  # ping
+            return "\n"
         if isinstance(parsed, dsl.RecorderCommand):
             if parsed.name == "dump":
                 rows = self.runtime.recorder.dump()

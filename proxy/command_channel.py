@@ -11,7 +11,13 @@ unchanged:
 The handler is synchronous and returns the complete reply, written verbatim: "\\n" on
 success, the error line plus "\\n" on failure, the recorder's COPY text rows for a dump (no
 bytes at all for an empty dump, so `COPY ... FROM` the FIFO yields zero rows). A writer that
-closes without writing anything gets no reply.
+closes without writing anything gets no reply; a command that is not valid UTF-8 gets an
+error line naming the offset, without reaching the handler.
+
+The channel creates the FIFO when it is missing, with exactly the mode (and group) it was
+given, and removes it (with the clients' `<fifo>.lock`) on close; a FIFO that was there
+before is served as it is and left behind. `start()` raises ChannelError, one line, when
+the FIFO cannot be had.
 
 Linux FIFO facts this relies on:
 
@@ -32,14 +38,16 @@ protocol can tell them apart.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import errno
+import grp
 import logging
 import os
 import stat
 from collections.abc import Callable
 
-from wirefault.fifo_client.transport import readers_gone, unread_bytes
+from wirefault.fifo_client.transport import lock_path, readers_gone, unread_bytes
 
 READ_CHUNK = 64 * 1024
 WRITE_CHUNK = 64 * 1024
@@ -50,24 +58,90 @@ MAX_RETRY_DELAY = 0.02
 REOPEN_DELAY = 1.0
 """Pause before retrying to open the read end after an unexpected error."""
 
+DEFAULT_FIFO_MODE = 0o600
+
 _default_logger = logging.getLogger(__name__)
 
 
-def ensure_fifo(path: str, mode: int = 0o600) -> None:
-    """Create the FIFO at `path` unless one exists; FileExistsError if something else does."""
+class ChannelError(Exception):
+    """The channel cannot have its FIFO; `str()` is one line naming the path and the problem."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(path, problem)
+        self.path = path
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"command FIFO {self.path}: {self.problem}"
+
+
+def parse_fifo_mode(text: str) -> int:
+    """Octal permission bits as text ("0660", "660", "0o660") -> 0o660; ValueError if not."""
+    digits = text.strip().lower().removeprefix("0o")
+    if not digits or len(digits) > 4 or any(c not in "01234567" for c in digits):
+        raise ValueError(f"not an octal mode: {text!r}")
+    mode = int(digits, 8)
+    if mode > 0o777:
+        raise ValueError(f"only permission bits (at most 0777): {text!r}")
+    return mode
+
+
+def resolve_group(group: str | int) -> int:
+    """The gid of a group name (or number, as chown takes it); ValueError if unknown."""
+    if isinstance(group, int):
+        return group
     try:
-        os.mkfifo(path, mode)
-        return
-    except FileExistsError:
-        pass
-    if not stat.S_ISFIFO(os.stat(path).st_mode):
-        raise FileExistsError(errno.EEXIST, "exists and is not a FIFO", path)
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        if group.isdigit():
+            return int(group)
+        raise ValueError(f"no such group: {group!r}") from None
 
 
+def fifo_mode_argument(text: str) -> str:
+    """argparse type for --fifo-mode: the mode as 4 octal digits."""
+    try:
+        return f"{parse_fifo_mode(text):04o}"
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def fifo_group_argument(text: str) -> str:
+    """argparse type for --fifo-group: a group that exists, checked at parse time."""
+    try:
+        resolve_group(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+_KINDS = {stat.S_IFREG: "a regular file", stat.S_IFDIR: "a directory",
+          stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
+
+
+def _not_a_fifo(path: str, mode: int) -> ChannelError:
+    kind = _KINDS.get(stat.S_IFMT(mode), "something else")
+    return ChannelError(path, f"exists and is {kind}, not a FIFO")
+
+
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    return info.st_dev, info.st_ino
+
+
+def _can_read_and_write(path: str) -> bool:
+    """Whether this process may open `path` both ways (the channel reopens it for replies)."""
+    effective = os.access in os.supports_effective_ids
+    return os.access(path, os.R_OK | os.W_OK, effective_ids=effective)
 
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+def _not_utf8_reply(data: bytes, exc: UnicodeDecodeError) -> str:
+    """The error line for a command that does not decode (the handler never sees it)."""
+    return (f"command is not valid UTF-8 at byte offset {exc.start} "
+            f"(0x{data[exc.start]:02x}: {exc.reason})\n")
 
 
 class CommandChannel:
@@ -87,11 +161,21 @@ class CommandChannel:
         handler: Callable[[str], str],
         reply_timeout: float = 10.0,
         logger: logging.Logger | None = None,
+        mode: int = DEFAULT_FIFO_MODE,
+        group: str | int | None = None,
     ) -> None:
+        if not 0 <= mode <= 0o777:
+            raise ValueError(f"mode must be permission bits (0 to 0o777), not {mode:#o}")
         self.path = os.fspath(path)
         self.handler = handler
         self.reply_timeout = reply_timeout
         self.logger = logger or _default_logger
+        self.mode = mode
+        """Permission bits of a FIFO the channel creates, exactly (the umask does not apply)."""
+        self.group = group
+        """Group (name or gid) of a FIFO the channel creates; None: the process's own."""
+        self._created: tuple[int, int] | None = None
+        """(st_dev, st_ino) of the FIFO this channel created, which close() removes."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._read_fd: int | None = None
         self._write_fd: int | None = None
@@ -108,7 +192,11 @@ class CommandChannel:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Create the FIFO if missing (mode 0600) and start serving on `loop`.
+        """Create the FIFO if missing (`mode`, `group`) and start serving on `loop`.
+
+        A FIFO that exists already is served as it is. ChannelError, with one line naming
+        the path and the problem, when the FIFO cannot be had (the path is something else,
+        its directory is missing, permission is denied, the group is unknown).
 
         Call it from code running on the loop (a coroutine, a callback, an addon hook);
         `loop` defaults to the running one.
@@ -117,20 +205,137 @@ class CommandChannel:
             raise RuntimeError(f"{self!r} is already started")
         self._loop = loop or asyncio.get_running_loop()
         self._closed = False
-        ensure_fifo(self.path)
-        self._listen()
+        self._listen(self._claim_fifo())
 
     def close(self) -> None:
-        """Stop serving and release every descriptor and timer. Idempotent."""
+        """Stop serving, release every descriptor and timer, and remove the FIFO (and its
+        client lock file) if this channel created it. Idempotent."""
         self._closed = True
         self._cancel_timers()
         self._stop_reading()
         self._close_writer()
+        self._remove_created_fifo()
 
     @property
     def serving(self) -> bool:
         """True while waiting for a command (not closed, not delivering a reply)."""
         return self._read_fd is not None
+
+    # -- having the FIFO -------------------------------------------------------------------
+
+    def _claim_fifo(self) -> int:
+        """The FIFO's read end, the FIFO created first if missing; ChannelError if neither."""
+        gid = self._group_id()
+        try:
+            return self._create_fifo(gid)
+        except FileExistsError:
+            return self._open_existing_fifo(gid)
+
+    def _group_id(self) -> int | None:
+        if self.group is None:
+            return None
+        try:
+            return resolve_group(self.group)
+        except ValueError as exc:
+            raise ChannelError(self.path, str(exc)) from None
+
+    def _create_fifo(self, gid: int | None) -> int:
+        """mkfifo, then set group and mode through the read end (so on this very inode).
+
+        Created 0600 first: nobody else can open it before it has its group and mode, and
+        fchmod sets `mode` exactly, whatever the umask. FileExistsError when the path exists.
+        """
+        try:
+            os.mkfifo(self.path, 0o600)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            raise self._create_error(exc) from None
+        fd = None
+        try:
+            fd = self._open_reader()
+            identity = _identity(os.fstat(fd))
+            if gid is not None:
+                os.fchown(fd, -1, gid)
+            os.fchmod(fd, self.mode)
+        except OSError as exc:
+            self._undo_create(fd)
+            raise self._setup_error(exc) from None
+        if not _can_read_and_write(self.path):
+            self._undo_create(fd)
+            raise ChannelError(self.path, f"mode {self.mode:04o} would lock the proxy out of "
+                                          "its own FIFO (it reopens it to read and to write)")
+        self._created = identity
+        return fd
+
+    def _undo_create(self, fd: int | None) -> None:
+        if fd is not None:
+            os.close(fd)
+        try:
+            os.unlink(self.path)
+        except OSError as exc:
+            self.logger.warning("cannot remove command FIFO %s again: %s", self.path, exc)
+
+    def _create_error(self, exc: OSError) -> ChannelError:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if exc.errno == errno.ENOENT:
+            return ChannelError(self.path, f"its directory {directory} does not exist")
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return ChannelError(self.path, f"permission denied creating it in {directory}")
+        return ChannelError(self.path, f"cannot create it: {exc.strerror or exc}")
+
+    def _setup_error(self, exc: OSError) -> ChannelError:
+        if exc.errno == errno.EPERM and self.group is not None:
+            return ChannelError(self.path, f"permission denied giving it to group "
+                                           f"{self.group!r} (the proxy must run as root or "
+                                           "as a member of that group)")
+        return ChannelError(self.path, f"cannot set up the new FIFO: {exc.strerror or exc}")
+
+    def _open_existing_fifo(self, gid: int | None) -> int:
+        try:
+            info = os.stat(self.path)
+        except OSError as exc:  # e.g. removed again since mkfifo saw it
+            raise ChannelError(self.path, f"cannot open it: {exc.strerror or exc}") from None
+        if not stat.S_ISFIFO(info.st_mode):
+            raise _not_a_fifo(self.path, info.st_mode)
+        if not _can_read_and_write(self.path):
+            raise ChannelError(self.path, "permission denied: the proxy needs to read and "
+                                          f"write it (mode {stat.S_IMODE(info.st_mode):04o})")
+        try:
+            fd = self._open_reader()
+        except OSError as exc:
+            raise ChannelError(self.path, f"cannot open it: {exc.strerror or exc}") from None
+        self._warn_if_not_as_asked(info, gid)
+        return fd
+
+    def _warn_if_not_as_asked(self, info: os.stat_result, gid: int | None) -> None:
+        """An existing FIFO is left as it is, but a mode or group other than the one asked
+        for is worth a line: clients that were meant to open it may not be able to."""
+        mode = stat.S_IMODE(info.st_mode)
+        if mode != self.mode or (gid is not None and info.st_gid != gid):
+            self.logger.warning(
+                "command FIFO %s exists with mode %04o, group %d; left as it is (asked for "
+                "mode %04o%s)", self.path, mode, info.st_gid, self.mode,
+                "" if gid is None else f", group {gid}")
+
+    def _remove_created_fifo(self) -> None:
+        """Remove the FIFO this channel created, and the lock file its clients made, unless
+        the path has been replaced since (then it belongs to someone else)."""
+        created, self._created = self._created, None
+        if created is None:
+            return
+        try:
+            if _identity(os.lstat(self.path)) != created:
+                return
+        except OSError:
+            return
+        for path in (self.path, lock_path(self.path)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self.logger.warning("cannot remove %s: %s", path, exc)
 
     # -- reading a command -----------------------------------------------------------------
 
@@ -151,23 +356,26 @@ class CommandChannel:
 
     def _open_read_end(self) -> int | None:
         try:
-            return os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            return self._open_reader()
         except FileNotFoundError:
             self.logger.warning("command FIFO %s disappeared; creating it again", self.path)
-            self._recreate_and_listen()
+            return self._reclaim_fifo()
         except OSError as exc:
             self.logger.error("cannot open command FIFO %s: %s; retrying", self.path, exc)
             self._schedule(REOPEN_DELAY, self._listen)
         return None
 
-    def _recreate_and_listen(self) -> None:
+    def _reclaim_fifo(self) -> int | None:
         try:
-            ensure_fifo(self.path)
-        except OSError as exc:
-            self.logger.error("cannot create command FIFO %s: %s; retrying", self.path, exc)
+            return self._claim_fifo()
+        except ChannelError as exc:
+            self.logger.error("%s; retrying", exc)
             self._schedule(REOPEN_DELAY, self._listen)
-            return
-        self._listen()
+            return None
+
+    def _open_reader(self) -> int:
+        # Non-blocking: never waits for a writer, and does not count as one.
+        return os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
 
     def _on_readable(self) -> None:
         fd = self._read_fd
@@ -206,7 +414,13 @@ class CommandChannel:
             self.logger.debug("a writer closed the command FIFO without writing; ignored")
             self._listen()
             return
-        text = data.decode("utf-8", "replace").strip()
+        try:
+            text = data.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            reply = _not_utf8_reply(data, exc)
+            self.logger.warning("rejected a command: %s", reply.strip())
+            self._begin_reply(reply, "<not UTF-8>")
+            return
         self._begin_reply(self._run_handler(text), text)
 
     def _run_handler(self, text: str) -> str:
@@ -231,12 +445,20 @@ class CommandChannel:
     # -- delivering the reply --------------------------------------------------------------
 
     def _begin_reply(self, reply: str, command: str) -> None:
-        self._reply = memoryview(reply.encode("utf-8"))
+        self._reply = memoryview(self._encode(reply, command))
         self._reply_for = command
         self._retry_delay = FIRST_RETRY_DELAY
         self._reply_deadline = self._loop_or_fail().call_later(
             self.reply_timeout, self._give_up)
         self._open_writer()
+
+    def _encode(self, reply: str, command: str) -> bytes:
+        try:
+            return reply.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: escape them rather than fail
+            self.logger.warning("the reply to %r is not valid Unicode; sent with the "
+                                "characters UTF-8 cannot encode escaped", command)
+            return reply.encode("utf-8", "backslashreplace")
 
     def _open_writer(self) -> None:
         self._retry = None
@@ -375,4 +597,5 @@ class CommandChannel:
         return f"<CommandChannel {self.path} {state}>"
 
 
-__all__ = ["MAX_COMMAND_BYTES", "CommandChannel", "ensure_fifo"]
+__all__ = ["DEFAULT_FIFO_MODE", "MAX_COMMAND_BYTES", "ChannelError", "CommandChannel",
+           "fifo_group_argument", "fifo_mode_argument", "parse_fifo_mode", "resolve_group"]

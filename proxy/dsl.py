@@ -86,6 +86,14 @@ class RecorderCommand:
     text: str
 
 
+@dataclass(frozen=True)
+class ProxyCommand:
+    """`proxy.ping()`: asks whether a proxy serves the channel, and changes nothing."""
+
+    name: str
+    text: str
+
+
 class CommandError(ValueError):
     """A command that cannot be accepted; `str()` is one line: `column N: message`."""
 
@@ -150,7 +158,12 @@ RECORDER_COMMANDS: Mapping[str, MethodSpec] = _vocabulary(
     MethodSpec("reset", (), "forget the recorded frames"),
 )
 
-ROOTS = ("conn", "recorder")
+PROXY_COMMANDS: Mapping[str, MethodSpec] = _vocabulary(
+    MethodSpec("ping", (), "answer (with an empty line) and change nothing"),
+)
+
+ROOTS = ("conn", "recorder", "proxy")
+_ROOT_LIST = "'conn', 'recorder' or 'proxy'"
 _MAX_PID = 2**31 - 1  # a cancel request carries the pid as a signed 32-bit integer
 _ACTION_LIST = "allow(), kill(), reset(), killall(), cancel(pid) or connect_delay(ms)"
 
@@ -167,15 +180,22 @@ def _protocol(protocol: ProtocolSpec | str) -> ProtocolSpec:
 # --- entry point ---------------------------------------------------------------------------
 
 
-def parse(text: str, protocol: ProtocolSpec | str = "postgres") -> Rule | RecorderCommand:
-    """Parse one command; raise `CommandError` for anything not in the language."""
+Command = Rule | RecorderCommand | ProxyCommand
+
+
+def parse(text: str, protocol: ProtocolSpec | str = "postgres",
+          protected_pids: Mapping[int, str] | None = None) -> Command:
+    """Parse one command; raise `CommandError` for anything not in the language.
+
+    `protected_pids` maps process ids that `cancel(pid)` must refuse to what they are (the
+    proxy passes its own pid and its parent's)."""
     spec = _protocol(protocol)
     command = _strip(text)
     _check_plain_text(command)
     source = _Source(command)
     tree = _parse_expression(command)
     root, links = _unwind(tree.body)
-    return _Checker(source, spec).command(root, links)
+    return _Checker(source, spec, protected_pids or {}).command(root, links)
 
 
 def _strip(text: str) -> str:
@@ -334,9 +354,11 @@ _Literal = int | float | str | bytes
 class _Checker:
     """Walks one command's chain against the whitelist and builds the result."""
 
-    def __init__(self, source: _Source, protocol: ProtocolSpec) -> None:
+    def __init__(self, source: _Source, protocol: ProtocolSpec,
+                 protected_pids: Mapping[int, str]) -> None:
         self.source = source
         self.protocol = protocol
+        self.protected_pids = protected_pids
 
     def fail(self, message: str, node: ast.AST) -> NoReturn:
         raise CommandError(message, self.source.node_column(node))
@@ -346,18 +368,21 @@ class _Checker:
 
     # structure
 
-    def command(self, root: ast.expr, nodes: list[ast.expr]) -> Rule | RecorderCommand:
+    def command(self, root: ast.expr, nodes: list[ast.expr]) -> Command:
         root_name = self.root(root)
         links = self.links(root_name, nodes)
         if root_name == "recorder":
-            return self.recorder(links)
+            return RecorderCommand(self.control(root_name, RECORDER_COMMANDS, links),
+                                   self.source.text)
+        if root_name == "proxy":
+            return ProxyCommand(self.control(root_name, PROXY_COMMANDS, links),
+                                self.source.text)
         return self.rule(links)
 
     def root(self, root: ast.expr) -> str:
         if isinstance(root, ast.Name) and root.id in ROOTS:
             return root.id
-        self.fail(f"{_describe(root)} is not allowed; commands start with 'conn' or 'recorder'",
-                  root)
+        self.fail(f"{_describe(root)} is not allowed; commands start with {_ROOT_LIST}", root)
 
     def links(self, root_name: str, nodes: list[ast.expr]) -> list[_Link]:
         """Pair every `.name` with the call that must follow it, left to right."""
@@ -390,20 +415,23 @@ class _Checker:
             column = self.source.attribute_column(node)
             raise CommandError(f"attribute {node.attr!r} is not allowed", column)
 
-    # recorder
+    # recorder, proxy
 
-    def recorder(self, links: list[_Link]) -> RecorderCommand:
-        names = ", ".join(spec.signature for spec in RECORDER_COMMANDS.values())
+    def control(self, root_name: str, vocabulary: Mapping[str, MethodSpec],
+                links: list[_Link]) -> str:
+        """The name of the one method a `recorder.*` or `proxy.*` command calls."""
+        names = ", ".join(spec.signature for spec in vocabulary.values())
         if not links:
-            raise CommandError(f"recorder needs a command: {names}", len(self.source.text) + 1)
+            raise CommandError(f"{root_name} needs a command: {names}",
+                               len(self.source.text) + 1)
         first = links[0]
-        if first.name not in RECORDER_COMMANDS:
-            hint = _suggestion(first.name, list(RECORDER_COMMANDS)) or f"; use {names}"
-            self.fail_at_name(f"unknown recorder command {first.name!r}{hint}", first)
-        self.bind(first, RECORDER_COMMANDS[first.name].params)
+        if first.name not in vocabulary:
+            hint = _suggestion(first.name, list(vocabulary)) or f"; use {names}"
+            self.fail_at_name(f"unknown {root_name} command {first.name!r}{hint}", first)
+        self.bind(first, vocabulary[first.name].params)
         if len(links) > 1:
-            self.fail_at_name(f"nothing may follow recorder.{first.name}()", links[1])
-        return RecorderCommand(first.name, self.source.text)
+            self.fail_at_name(f"nothing may follow {root_name}.{first.name}()", links[1])
+        return first.name
 
     # conn
 
@@ -533,6 +561,9 @@ class _Checker:
         if not _is_int(value) or not 0 < value <= _MAX_PID:
             self.fail(f"cancel(pid) needs an integer process id from 1 to {_MAX_PID}, "
                       f"got {value!r}", node)
+        if value in self.protected_pids:
+            self.fail(f"cancel({value}) would interrupt {self.protected_pids[value]}; give "
+                      f"the pid of the process to cancel (e.g. pg_backend_pid())", node)
         return value
 
     def delay(self, node: ast.expr) -> float:
@@ -602,16 +633,19 @@ __all__ = [
     "ACTIONS",
     "FILTERS",
     "FILTER_PREFIX",
+    "PROXY_COMMANDS",
     "RECORDER_COMMANDS",
     "ROOTS",
     "Action",
     "After",
     "BytesContains",
     "BytesMatch",
+    "Command",
     "CommandError",
     "MessageFilter",
     "MethodSpec",
     "Param",
+    "ProxyCommand",
     "RecorderCommand",
     "Rule",
     "Step",

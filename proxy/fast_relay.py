@@ -98,12 +98,32 @@ class FastRelay:
         first, second = self.sides.values()
         first.peer, second.peer = second, first
         self._timers: set[asyncio.TimerHandle] = set()
+        self._held = False
+        """A hold stopped reading both sides (see `set_reading`)."""
+        self._backpressured: set[Connection] = set()
+        """Sides not read because their peer's write buffer is full."""
 
     def start(self) -> None:
         for side in self.sides.values():
             side.transport.set_protocol(side)
             if not side.transport.is_reading():
                 side.transport.resume_reading()
+
+    def set_reading(self, reading: bool) -> None:
+        """Stop reading both sides for a hold, or read again those back-pressure allows."""
+        self._held = not reading
+        for connection, transport in self.transports.items():
+            if transport.is_closing():
+                continue
+            if not reading:
+                transport.pause_reading()
+            elif connection not in self._backpressured:
+                transport.resume_reading()
+
+    def deliver(self, event: events.Event) -> None:
+        """Feed an event from outside the transports (a pause ending) and carry it out."""
+        if not self.finished:
+            self.execute(self.handle_event(event))
 
     # -- transport callbacks ----------------------------------------------------------------
 
@@ -122,12 +142,15 @@ class FastRelay:
     def pause_reading_toward(self, connection: Connection) -> None:
         for other, transport in self.transports.items():
             if other is not connection and not transport.is_closing():
+                self._backpressured.add(other)
                 transport.pause_reading()
 
     def resume_reading_toward(self, connection: Connection) -> None:
         for other, transport in self.transports.items():
             if other is not connection and not transport.is_closing():
-                transport.resume_reading()
+                self._backpressured.discard(other)
+                if not self._held:
+                    transport.resume_reading()
 
     # -- commands ---------------------------------------------------------------------------
 

@@ -3,11 +3,13 @@
 Events in, commands out. Each read is framed with the connection's protocol; each frame is
 recorded and judged by the rule in force; frames that pass are forwarded (the whole read at
 once when nothing was held back), and a fault acts at the exact frame that triggered it.
-A hold (cancel, connect_delay) pauses this connection alone with a `RequestWakeup`.
+A hold (connect_delay) pauses this connection alone with a `RequestWakeup`; cancel pauses
+every connection of the proxy (proxy/pause.py), whose timer wakes each held layer.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 
 from mitmproxy import tcp
@@ -49,7 +51,17 @@ class WirefaultLayer(layer.Layer):
         self.rule_state = RuleState()
         self.slot = RecorderSlot()
         self.backlog: deque[Frame | _Closed] = deque()
+        self.held_frame: Frame | None = None
+        """The frame that triggered a hold: forwarded unjudged when the hold ends."""
         self.hold: commands.RequestWakeup | None = None
+        """This connection's own hold (connect_delay), woken by its own timer."""
+        self.pause_token: commands.RequestWakeup | None = None
+        """Set while the proxy-wide pause holds this connection; never yielded: the pause's
+        timer delivers its Wakeup (`release_from_pause`)."""
+        self.blocked = False
+        """Either hold is on: frames go to the backlog."""
+        self.start_pending = False
+        """The connection started during a pause: it opens its upstream when released."""
         self.grace: commands.RequestWakeup | None = None
         self.dead = False
         self.relaying = False
@@ -67,16 +79,26 @@ class WirefaultLayer(layer.Layer):
         assert isinstance(event, events.Start)
         self._handle_event = self.relay  # type: ignore[method-assign]
         self.relaying = True
+        self.runtime.pause.join(self)
+        if self.pause_token:  # a pause is on: not into the relay until it ends
+            self.start_pending = True
+            return
+        yield from self._open()
+
+    def _open(self) -> layer.CommandGenerator[None]:
         if self.flow:
             yield TcpStartHook(self.flow)
         if self.context.server.timestamp_start is None:
             err = yield commands.OpenConnection(self.context.server)
             if err:
+                address = self.context.server.address
+                yield commands.Log(
+                    f"wirefault: cannot connect to upstream {_address(address)} for client "
+                    f"{_address(self.context.client.peername)}: {err}", logging.WARNING)
                 if self.flow:
                     self.flow.error = tcp.flow.Error(str(err))  # type: ignore[attr-defined]
                 yield commands.CloseConnection(self.context.client)
-                self._handle_event = self.done  # type: ignore[method-assign]
-                self.relaying = False
+                self._finish()
                 return
         if self.runtime.fast_path and not self.flow:
             self._take_fast_path()
@@ -90,9 +112,41 @@ class WirefaultLayer(layer.Layer):
             self.handle_event, self.relay_read, self.context.client, transports,
             on_activity, release)
         self.fast_relay.start()
+        if self.blocked:
+            self.fast_relay.set_reading(False)
 
     def done(self, event: events.Event) -> layer.CommandGenerator[None]:
         yield from ()
+
+    def _finish(self) -> None:
+        self._handle_event = self.done  # type: ignore[method-assign]
+        self.relaying = False
+        self.runtime.pause.leave(self)
+
+    # -- the proxy-wide pause (proxy/pause.py) -----------------------------------------------
+
+    def hold_for_pause(self) -> None:
+        if self.pause_token is not None or self.dead:
+            return
+        self.pause_token = commands.RequestWakeup(0)
+        self.blocked = True
+        self._set_reading(False)
+
+    def release_from_pause(self) -> None:
+        token = self.pause_token
+        if token is None:
+            return
+        event = events.Wakeup(token)
+        if self.fast_relay:
+            self.fast_relay.deliver(event)
+        elif not self.runtime.deliver_event(self.context.client.id, event):
+            self.pause_token = None  # the connection is gone
+
+    def _set_reading(self, reading: bool) -> None:
+        if self.fast_relay:
+            self.fast_relay.set_reading(reading)
+        else:
+            self.runtime.set_reading(self.context.client.id, reading)
 
     def relay(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, events.DataReceived):
@@ -100,14 +154,18 @@ class WirefaultLayer(layer.Layer):
         elif isinstance(event, events.ConnectionClosed):
             if self.dead:
                 yield from self._close_all()
-            elif self.hold or self.backlog:
+            elif self.blocked or self.backlog:
                 self.backlog.append(_Closed(event.connection))
             else:
                 yield from self._on_closed(event.connection)
         elif isinstance(event, events.Wakeup):
             if event.command is self.hold:
                 self.hold = None
-                yield from self._release()
+                yield from self._unblocked()
+            elif event.command is self.pause_token:
+                self.pause_token = None
+                self._set_reading(True)
+                yield from self._unblocked()
             elif event.command is self.grace:
                 yield from self._close_all()
         elif isinstance(event, TcpMessageInjected):
@@ -138,7 +196,7 @@ class WirefaultLayer(layer.Layer):
         framer = self._client_framer if from_client else self._server_framer
         carried = framer.buffered
         batch = framer.feed_batch(data)
-        if self.hold or self.backlog:
+        if self.blocked or self.backlog:
             self.backlog.extend(batch)
             return b""
         whole = data if carried == 0 and framer.buffered == 0 else None
@@ -176,22 +234,37 @@ class WirefaultLayer(layer.Layer):
             out.extend(self._as_commands(
                 self._judge(FrameBatch(frames[index + 1:]), frames[index].from_client, None),
                 dest))
-        elif verdict is Verdict.HOLD:
-            self.hold = commands.RequestWakeup(decision.delay)
-            self.backlog.extendleft(reversed(frames[index:]))
-            out.append(self.hold)
+        elif verdict is Verdict.HOLD or verdict is Verdict.PAUSE_PROXY:
+            self.held_frame = frames[index]
+            self.backlog.extendleft(reversed(frames[index + 1:]))
+            self.blocked = True
+            if verdict is Verdict.HOLD:
+                self.hold = commands.RequestWakeup(decision.delay)
+                out.append(self.hold)
+            else:
+                self.runtime.pause.begin(decision.delay, self)
         elif verdict is Verdict.KILL:
             out.extend(self._kill(dest))
         else:
             out.extend(self._reset())
         return out
 
+    def _unblocked(self) -> layer.CommandGenerator[None]:
+        """A hold ended: once neither is left, start or carry on where the connection was."""
+        if self.hold or self.pause_token or self.dead:
+            return
+        self.blocked = False
+        if self.start_pending:
+            self.start_pending = False
+            yield from self._open()
+        yield from self._release()
+
     def _release(self) -> layer.CommandGenerator[None]:
-        """The hold is over: forward the held frame as it is, then judge the backlog."""
-        held = self.backlog.popleft()
-        assert isinstance(held, Frame)
-        yield commands.SendData(self._destination(held.from_client), held.data)
-        while self.backlog and not self.hold and not self.dead:
+        """Forward the held frame as it is, then judge the backlog until a new hold."""
+        held, self.held_frame = self.held_frame, None
+        if held is not None:
+            yield commands.SendData(self._destination(held.from_client), held.data)
+        while self.backlog and not self.blocked and not self.dead:
             item = self.backlog.popleft()
             if isinstance(item, _Closed):
                 yield from self._on_closed(item.connection)
@@ -225,6 +298,7 @@ class WirefaultLayer(layer.Layer):
         """FIN to the side the frame was going to; the other side follows when it closes."""
         self.dead = True
         self.backlog.clear()
+        self.held_frame = None
         other = self.context.client if dest is self.context.server else self.context.server
         # We learn that dest closed only while it can still read; else nothing is left to wait for.
         will_hear_close = bool(dest.state & ConnectionState.CAN_READ)
@@ -238,12 +312,12 @@ class WirefaultLayer(layer.Layer):
     def _reset(self) -> layer.CommandGenerator[None]:
         self.dead = True
         self.backlog.clear()
+        self.held_frame = None
         self.runtime.abort_with_rst(self.context.client.id)
         yield from self._close_all()
 
     def _close_all(self) -> layer.CommandGenerator[None]:
-        self._handle_event = self.done  # type: ignore[method-assign]
-        self.relaying = False
+        self._finish()
         for connection in (self.context.server, self.context.client):
             if connection.state is not ConnectionState.CLOSED:
                 yield commands.CloseConnection(connection)
@@ -260,3 +334,7 @@ class WirefaultLayer(layer.Layer):
         else:
             other = server if connection is client else client
             yield commands.CloseTcpConnection(other, half_close=True)
+
+
+def _address(address: tuple | None) -> str:
+    return f"{address[0]}:{address[1]}" if address else "?"

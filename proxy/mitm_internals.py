@@ -36,6 +36,12 @@ def check_compatible() -> None:
         problems.append("ConnectionIO.writer is gone")
     if "timeout_watchdog" not in ConnectionHandler.__annotations__:
         problems.append("ConnectionHandler.timeout_watchdog is gone")
+    if not callable(getattr(ConnectionHandler, "server_event", None)):
+        problems.append("ConnectionHandler.server_event is gone")
+    from mitmproxy.proxy.mode_servers import ServerInstance
+
+    if "last_exception" not in ServerInstance.__annotations__:
+        problems.append("ServerInstance.last_exception is gone")
     if problems:
         raise RuntimeError("mitmproxy internals changed: " + "; ".join(problems))
 
@@ -100,3 +106,55 @@ def take_over_transports(
                 protocol.eof_received()
 
     return transports, watchdog.register_activity, release
+
+
+def listen_failures(proxyserver: Any) -> list[tuple[str, OSError | Exception]]:
+    """The listeners that failed to start: (mode description, the exception)."""
+    return [(instance.mode.description, instance.last_exception)
+            for instance in proxyserver.servers
+            if not instance.is_running and instance.last_exception is not None]
+
+
+def deliver_event(proxyserver: Any, client_id: str, event: Any) -> bool:
+    """Feed `event` to the layer of a connection on mitmproxy's path, which carries out the
+    commands the layer answers with. False when the connection is gone."""
+    import asyncio
+
+    handler = proxyserver.connections.get(client_id)
+    if handler is None:
+        return False
+    # server_event is a coroutine only for its lock; with mitmproxy's eager task factory it
+    # runs at once when the lock is free, so events keep the order they are delivered in.
+    task = asyncio.ensure_future(handler.server_event(event))
+    if not task.done():  # waiting for the lock: keep it alive until it ran
+        _deliveries.add(task)
+        task.add_done_callback(_deliveries.discard)
+    return True
+
+
+_deliveries: set[Any] = set()
+
+
+def set_reading(proxyserver: Any, client_id: str, reading: bool) -> None:
+    """Pause or resume reading both sockets of a connection on mitmproxy's path."""
+    handler = proxyserver.connections.get(client_id)
+    if handler is None:
+        return
+    for io in list(handler.transports.values()):
+        transport = getattr(io.writer, "transport", None)
+        if transport is None or transport.is_closing():
+            continue
+        with contextlib.suppress(Exception):  # a socket closing under us: nothing to pause
+            if reading:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
+
+
+def is_reverse_proxy_start(context: Any) -> bool:
+    """True when a TCP connection's next layer is the first one under mitmproxy's reverse
+    proxy mode layer (where mitmproxy would choose TLS or TCP from the mode's scheme)."""
+    from mitmproxy.proxy.layers import modes
+
+    return (context.client.transport_protocol == "tcp" and bool(context.layers)
+            and isinstance(context.layers[-1], modes.ReverseProxy))

@@ -14,6 +14,7 @@ from wirefault.protocols import Frame, FrameBatch, FrameRun, ProtocolSpec
 
 from . import dsl, faults
 from .faults import FORWARD, KILL, ConnectionState, Decision, Fault, SharedState
+from .faults.cancel import protected_pids
 
 DEFAULT_RULE = "conn.allow()"
 
@@ -93,8 +94,12 @@ class RuleEngine:
         if initial:
             self.set_rule_text(initial)
 
+    def parse(self, text: str) -> dsl.Command:
+        """Parse a command for this proxy (cancel(pid) refuses the proxy's own processes)."""
+        return dsl.parse(text, self.protocol, protected_pids())
+
     def _compile(self, text: str) -> CompiledRule:
-        parsed = dsl.parse(text, self.protocol)
+        parsed = self.parse(text)
         if not isinstance(parsed, dsl.Rule):
             raise dsl.CommandError("expected a conn.* rule", 1)
         return self.install(parsed)

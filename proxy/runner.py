@@ -13,6 +13,8 @@ import gc
 import logging
 import signal
 import sys
+from collections.abc import Callable
+from typing import NoReturn
 
 from .recorder import DEFAULT_CLIENT_LABEL, DEFAULT_LIMIT, DEFAULT_SERVER_LABEL
 from .rules import DEFAULT_RULE
@@ -41,10 +43,57 @@ def _host_port(text: str, default_host: str) -> tuple[str, int]:
     return host, number
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0: {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
+    return value
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}: {text!r}")
+        return value
+
+    return parse
+
+
+def _labels(text: str) -> str:
+    client, comma, server = text.partition(",")
+    if not comma or not client.strip() or not server.strip() or "," in server:
+        raise argparse.ArgumentTypeError(
+            f"needs two non-empty labels separated by a comma, as CLIENT,SERVER: {text!r}")
+    return f"{client.strip()},{server.strip()}"
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors are one line naming the option (argparse's default adds the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from wirefault import protocols
 
-    parser = argparse.ArgumentParser(
+    from .command_channel import fifo_group_argument, fifo_mode_argument
+
+    parser = _OneLineParser(
         prog="wirefault proxy",
         description="Run the fault-injection proxy in front of a server.",
         epilog=EPILOG,
@@ -58,19 +107,28 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the server behind the proxy")
     parser.add_argument("--protocol", default="postgres", choices=protocols.names())
     parser.add_argument("--fifo", metavar="PATH", help="command FIFO (created if missing)")
+    parser.add_argument("--fifo-mode", type=fifo_mode_argument, default="0600", metavar="OCTAL",
+                        help="permission bits of a FIFO the proxy creates (default 0600)")
+    parser.add_argument("--fifo-group", type=fifo_group_argument, metavar="NAME",
+                        help="group of a FIFO the proxy creates, e.g. the database server's "
+                             "(with --fifo-mode 0660)")
+    parser.add_argument("--ready-file", metavar="PATH",
+                        help="write the ready line to this file (atomically) once serving; "
+                             "removed when the proxy stops")
     parser.add_argument("--rule", default=DEFAULT_RULE, metavar="COMMAND",
                         help="the rule in force at start")
-    parser.add_argument("--fifo-reply-timeout", type=float, default=DEFAULT_REPLY_TIMEOUT,
-                        metavar="SECONDS",
+    parser.add_argument("--fifo-reply-timeout", type=_positive_seconds,
+                        default=DEFAULT_REPLY_TIMEOUT, metavar="SECONDS",
                         help="how long a FIFO client may take to read its reply")
-    parser.add_argument("--kill-grace", type=float, default=DEFAULT_KILL_GRACE,
+    parser.add_argument("--kill-grace", type=_seconds, default=DEFAULT_KILL_GRACE,
                         metavar="SECONDS")
-    parser.add_argument("--max-frame", type=int, default=0, metavar="BYTES",
+    parser.add_argument("--max-frame", type=_count(0), default=0, metavar="BYTES",
                         help="largest frame accepted before the direction turns opaque "
                              "(default: the protocol's own, 1 GiB for postgres, 64 MiB for "
                              "wallaroo)")
-    parser.add_argument("--recorder-limit", type=int, default=DEFAULT_LIMIT, metavar="FRAMES")
-    parser.add_argument("--source-labels", metavar="CLIENT,SERVER",
+    parser.add_argument("--recorder-limit", type=_count(1), default=DEFAULT_LIMIT,
+                        metavar="FRAMES")
+    parser.add_argument("--source-labels", metavar="CLIENT,SERVER", type=_labels,
                         default=f"{DEFAULT_CLIENT_LABEL},{DEFAULT_SERVER_LABEL}")
     parser.add_argument("--flows", action="store_true",
                         help="create mitmproxy flows and fire tcp_* hooks (slower)")
@@ -81,18 +139,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OPTION_FLAGS = {
+    "slug": "--rule", "protocol": "--protocol", "fifo": "--fifo", "kill_grace": "--kill-grace",
+    "fifo_reply_timeout": "--fifo-reply-timeout", "recorder_limit": "--recorder-limit",
+    "max_frame": "--max-frame", "source_labels": "--source-labels", "listen_port": "--listen",
+    "listen_host": "--listen", "mode": "--upstream", "fifo_mode": "--fifo-mode",
+    "fifo_group": "--fifo-group",
+}
+"""The CLI flag behind each mitmproxy option the runner sets, for error messages."""
+
+
 async def serve(args: argparse.Namespace) -> int:
     from mitmproxy import options
     from mitmproxy.addons import next_layer, proxyserver
     from mitmproxy.master import Master
 
     from .addon import WirefaultAddon
+    from .startup import STARTUP_FAILED, StartupCheck
 
     listen_host, listen_port = args.listen
     up_host, up_port = args.upstream
     opts = options.Options()
     master = Master(opts)
-    master.addons.add(proxyserver.Proxyserver(), next_layer.NextLayer(), WirefaultAddon())
+    startup = StartupCheck("wirefault proxy", args.listen, args.fifo, args.ready_file)
+    master.addons.add(proxyserver.Proxyserver(), next_layer.NextLayer(),
+                      WirefaultAddon(option_names=OPTION_FLAGS), startup)
     try:
         opts.update(
             mode=[f"reverse:tcp://{up_host}:{up_port}"],
@@ -104,6 +175,8 @@ async def serve(args: argparse.Namespace) -> int:
             protocol=args.protocol,
             kill_grace=str(args.kill_grace),
             fifo_reply_timeout=str(args.fifo_reply_timeout),
+            fifo_mode=args.fifo_mode,
+            fifo_group=args.fifo_group,
             recorder_limit=args.recorder_limit,
             max_frame=args.max_frame,
             source_labels=args.source_labels,
@@ -112,7 +185,7 @@ async def serve(args: argparse.Namespace) -> int:
         )
     except Exception as exc:  # option errors are the user's: one line, no traceback
         print(f"wirefault proxy: {exc}", file=sys.stderr)
-        return 2
+        return STARTUP_FAILED
     # Every read allocates short-lived frames and commands; the defaults collect the young
     # generation every 700 allocations. Freeze what start-up built so collections skip it.
     gc.freeze()
@@ -120,12 +193,10 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, master.shutdown)
-    ready = asyncio.ensure_future(_announce(master, args))
     await master.run()
-    ready.cancel()
     # Connections still open at shutdown are cancelled; asyncio would log each as an error.
     loop.set_exception_handler(_quiet_cancellation)
-    return 0
+    return startup.exit_status
 
 
 def _quiet_cancellation(loop: asyncio.AbstractEventLoop, context: dict) -> None:
@@ -133,17 +204,10 @@ def _quiet_cancellation(loop: asyncio.AbstractEventLoop, context: dict) -> None:
         loop.default_exception_handler(context)
 
 
-async def _announce(master, args: argparse.Namespace) -> None:
-    ps = master.addons.get("proxyserver")
-    while not ps.is_running or not ps.listen_addrs():
-        await asyncio.sleep(0.02)
-    addrs = ", ".join(f"{h}:{p}" for h, p, *_ in ps.listen_addrs())
-    print(f"wirefault proxy: listening on {addrs}, upstream {args.upstream[0]}:"
-          f"{args.upstream[1]}, protocol {args.protocol}", flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_rule(parser, args)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -158,6 +222,16 @@ def main(argv: list[str] | None = None) -> int:
         return run(serve(args))
     except KeyboardInterrupt:
         return 0
+
+
+def _check_rule(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a bad --rule before anything starts (the parser needs the protocol)."""
+    from . import dsl
+
+    try:
+        dsl.parse(args.rule, args.protocol)
+    except dsl.CommandError as exc:
+        parser.error(f"argument --rule: {exc}")
 
 
 if __name__ == "__main__":

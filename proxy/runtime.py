@@ -8,6 +8,7 @@ from typing import Any
 
 from wirefault.protocols import ProtocolSpec
 
+from .pause import ProxyPause
 from .recorder import Recorder
 from .rules import RuleEngine
 
@@ -22,6 +23,14 @@ def _no_reset(client_id: str) -> bool:
 
 
 def _no_take_over(client_id: str) -> None:
+    return None
+
+
+def _no_delivery(client_id: str, event: Any) -> bool:
+    return False
+
+
+def _no_reading_switch(client_id: str, reading: bool) -> None:
     return None
 
 
@@ -42,6 +51,12 @@ class ProxyRuntime:
     """Relay established connections straight from their transports (see fast_relay.py)."""
     take_over: Callable[[str], Any] = field(default=_no_take_over)
     """Hands an established connection's transports to the fast path (mitm_internals)."""
+    deliver_event: Callable[[str, Any], bool] = field(default=_no_delivery)
+    """Feeds an event to the layer of a connection on mitmproxy's path (mitm_internals)."""
+    set_reading: Callable[[str, bool], None] = field(default=_no_reading_switch)
+    """Pauses or resumes reading a connection on mitmproxy's path (mitm_internals)."""
+    pause: ProxyPause = field(default_factory=ProxyPause)
+    """cancel(pid)'s proxy-wide pause, and the registry of live connections it needs."""
 
     @classmethod
     def create(cls, protocol: ProtocolSpec, rule: str | None = None, **options) -> ProxyRuntime:

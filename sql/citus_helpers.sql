@@ -12,6 +12,20 @@
 -- must be able to open the FIFO. Like Citus's originals they block while no proxy serves
 -- the FIFO (see wirefault.sql for helpers with a timeout) and create ON COMMIT DROP temporary
 -- tables, so call each at most once per transaction.
+--
+-- A blocked call waits inside open() of the FIFO, where PostgreSQL restarts the system call
+-- after every signal: pg_cancel_backend and pg_terminate_backend return true but the backend
+-- stays active until something opens the FIFO. To avoid it, start the suite only once a
+-- proxy answers:
+--
+--   wirefault wait-ready --fifo /tmp/wirefault.fifo --timeout 30
+--
+-- To free a backend already stuck, in COPY TO or COPY FROM alike: cancel it, then open the
+-- FIFO once for reading and writing (that never blocks, and it wakes a blocked reader and a
+-- blocked writer), as root or the FIFO's owner on the database host; the call then fails
+-- with "canceling statement due to user request" and the session stays usable:
+--
+--   psql -c "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query ~ 'citus\.(mitmproxy|clear_network_traffic|dump_network_traffic)\(' AND pid <> pg_backend_pid()" && : <> /tmp/wirefault.fifo
 
 CREATE SCHEMA IF NOT EXISTS citus;
 

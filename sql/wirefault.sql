@@ -9,7 +9,8 @@
 -- wirefault.command(text) RETURNS text: '' when the proxy accepts the command; for
 -- 'recorder.dump()' the raw COPY text rows. A rejected command raises SQLSTATE 22023
 -- (invalid_parameter_value) with the proxy's message; no answer within wirefault.timeout
--- raises 08006 (connection_failure) naming the FIFO and the timeout.
+-- raises 08006 (connection_failure) naming the FIFO and the timeout; a FIFO the server's OS
+-- account may not open (or reach) raises 42501 (insufficient_privilege), "permission denied".
 --
 -- How: the exchange runs through COPY ... TO PROGRAM / FROM PROGRAM with coreutils
 -- `timeout` around `cat`, because a plain server-side COPY to a FIFO nobody reads blocks
@@ -91,7 +92,16 @@ DECLARE
   settings record := wirefault._settings();
   deadline timestamptz := clock_timestamp() + settings.seconds * interval '1 second';
   fifo text := wirefault._shell_quote(settings.fifo);
-  is_fifo text := '[ -p "$1" ] || exit 3; ';
+  -- Run before each open, as the server's OS account, so a FIFO it may not open fails at
+  -- once and says why: exit 3 not a FIFO, or missing; 5 the deepest directory on the way
+  -- that exists cannot be searched; 4 no read and write permission on the FIFO itself (the
+  -- command goes out and the reply comes back through it, so both are checked first).
+  is_fifo text := '[ -p "$1" ] || { d=$1; while [ ! -e "$d" ]; do case $d in */*) '
+                  'd=${d%/*}; d=${d:-/};; *) d=.;; esac; done; '
+                  '[ "$d" != "$1" ] && [ -d "$d" ] && [ ! -x "$d" ] && exit 5; exit 3; }; '
+                  '[ -r "$1" ] && [ -w "$1" ] || exit 4; ';
+  access_hint constant text := 'Start the proxy with --fifo-group <the server''s group> '
+    '--fifo-mode 0660, in a directory the server can search.';
   program text;
   detail text;
 BEGIN
@@ -122,6 +132,14 @@ BEGIN
     IF detail LIKE '%exit code 3' THEN
       RAISE EXCEPTION 'wirefault: % is not a FIFO (or does not exist)', settings.fifo
         USING ERRCODE = 'connection_failure';
+    ELSIF detail LIKE '%exit code 4' THEN
+      RAISE EXCEPTION 'wirefault: permission denied: the database server''s OS account cannot '
+        'read and write FIFO %', settings.fifo
+        USING ERRCODE = 'insufficient_privilege', HINT = access_hint;
+    ELSIF detail LIKE '%exit code 5' THEN
+      RAISE EXCEPTION 'wirefault: permission denied: the database server''s OS account cannot '
+        'reach FIFO % (a directory on its path is not searchable)', settings.fifo
+        USING ERRCODE = 'insufficient_privilege', HINT = access_hint;
     ELSIF detail LIKE '%exit code 127' THEN
       RAISE EXCEPTION 'wirefault: the server cannot run sh, timeout or cat'
         USING ERRCODE = 'connection_failure', DETAIL = detail;

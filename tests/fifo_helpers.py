@@ -18,6 +18,7 @@ reset. Commands starting with `test:` drive the tests:
     test:count       reply the number of commands handled so far (this one included)
     test:big N       reply N bytes of "y" (more than a pipe holds)
     test:silent      reply nothing at all (zero bytes, like an empty dump)
+    test:surrogate   reply "bad \\udc80 reply" with a lone surrogate (UTF-8 cannot encode it)
     test:raise       the handler raises RuntimeError("boom")
     test:seed        record rows with tabs, newlines, backslashes, non-ASCII, a dropped-row note
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import pwd
 import select
 import shutil
@@ -35,6 +37,9 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 TESTS_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = TESTS_DIR.parent
@@ -83,6 +88,44 @@ def make_fifo(path: Path, for_postgres: bool = False) -> Path:
     if ids:
         os.chown(path, *ids)
     return path
+
+
+def blocked_in_fifo_open(pid: int) -> bool:
+    """True while process `pid` sleeps in open() of a FIFO, waiting for the other end."""
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/wchan").read_text() == "wait_for_partner"
+    return False
+
+
+def run_as(user: str, function: Callable[[], T]) -> T:
+    """`function()` in a forked child running as `user` (uid, gid, no other groups), so a
+    root test can see what a plain user gets. Its result or exception comes back here."""
+    entry = pwd.getpwnam(user)
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop privileges for good, report, never return into pytest
+        os.close(reader)
+        try:
+            os.setgroups([])
+            os.setgid(entry.pw_gid)
+            os.setuid(entry.pw_uid)
+            outcome: tuple[bool, object] = (True, function())
+        except BaseException as exc:
+            outcome = (False, exc)
+        try:
+            data = pickle.dumps(outcome)
+        except Exception:
+            data = pickle.dumps((False, RuntimeError(repr(outcome[1]))))
+        with os.fdopen(writer, "wb") as report:
+            report.write(data)
+        os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as report:
+        ok, value = pickle.load(report)
+    os.waitpid(pid, 0)
+    if not ok:
+        raise value  # type: ignore[misc]
+    return value  # type: ignore[return-value]
 
 
 # -- the channel process ----------------------------------------------------------------------
@@ -208,6 +251,8 @@ class FakeProxyHandler:
             return "y" * int(argument)
         if name == "silent":
             return ""
+        if name == "surrogate":
+            return "bad \udc80 reply\n"
         if name == "raise":
             raise RuntimeError("boom")
         if name == "seed":

@@ -13,6 +13,38 @@ from wirefault.proxy.layer import WirefaultLayer
 from wirefault.proxy.runtime import ProxyRuntime
 
 
+class PauseClock:
+    """Stands in for the event loop behind a runtime's proxy-wide pause and its deliveries:
+    timers wait until `fire()`, events reach the driver of their connection."""
+
+    def __init__(self, runtime: ProxyRuntime) -> None:
+        self.timers: list[tuple[float, object]] = []
+        self.drivers: dict[str, LayerDriver] = {}
+        self.delivered: dict[str, list[commands.Command]] = {}
+        runtime.pause.call_later = self.call_later
+        runtime.deliver_event = self.deliver
+        runtime.set_reading = self.set_reading
+        self.reading: dict[str, bool] = {}
+
+    def call_later(self, delay: float, callback) -> None:
+        self.timers.append((delay, callback))
+
+    def deliver(self, client_id: str, event: events.Event) -> bool:
+        self.delivered.setdefault(client_id, []).extend(self.drivers[client_id].send(event))
+        return True
+
+    def set_reading(self, client_id: str, reading: bool) -> None:
+        self.reading[client_id] = reading
+
+    def fire(self) -> dict[str, list[commands.Command]]:
+        """Run the timers due; the commands each connection answered with, by client id."""
+        self.delivered = {}
+        timers, self.timers = self.timers, []
+        for _, callback in timers:
+            callback()
+        return self.delivered
+
+
 class LayerDriver:
     """One connection through a layer; collects the commands it yields."""
 
@@ -21,6 +53,10 @@ class LayerDriver:
         self.runtime = runtime or ProxyRuntime.create(
             protocols.get(protocol), rule, **runtime_options
         )
+        clock = getattr(self.runtime, "test_clock", None)
+        if clock is None:
+            clock = self.runtime.test_clock = PauseClock(self.runtime)
+        self.clock: PauseClock = clock
         self.resets: list[str] = []
         self.runtime.abort_with_rst = self._record_reset
         client = tflow.tclient_conn()
@@ -30,7 +66,8 @@ class LayerDriver:
         self.context = Context(client, options.Options())
         self.context.server = server
         self.layer = WirefaultLayer(self.context, self.runtime)
-        self.send(events.Start())
+        clock.drivers[client.id] = self
+        self.started = self.send(events.Start())
 
     def _record_reset(self, client_id: str) -> bool:
         self.resets.append(client_id)

@@ -11,6 +11,7 @@ import contextlib
 import glob
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -21,6 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import psycopg
+
+from wirefault.proxy.ports import ephemeral_range
 
 SERVER_USER = "postgres"
 
@@ -49,6 +52,21 @@ def find_bindir() -> str:
 
 
 def free_port() -> int:
+    """A free TCP port below the kernel's ephemeral range.
+
+    A port the kernel may hand to outgoing connections can be taken by one while its server
+    is down, and then a restart on it fails for up to a minute (proxy/ports.py explains).
+    """
+    span = ephemeral_range()
+    low = span[0] if span else 32768
+    for _ in range(100):
+        port = random.randrange(10_000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -111,7 +129,13 @@ class PostgresServer:
         return os.path.join(self.bindir, name)
 
     def _popen_kwargs(self) -> dict:
-        return {"user": self.run_as} if self.run_as else {}
+        """Run as the server's account with that account's groups, as a packaged server runs
+        (subprocess's `user=` alone would keep root's gid 0)."""
+        if not self.run_as:
+            return {}
+        gid = pwd.getpwnam(self.run_as).pw_gid
+        return {"user": self.run_as, "group": gid,
+                "extra_groups": os.getgrouplist(self.run_as, gid)}
 
     def start(self, timeout: float = 30.0) -> None:
         log = open(os.path.join(self.basedir, "server.log"), "ab")  # noqa: SIM115

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +17,8 @@ from pathlib import Path
 
 from fifo_helpers import fifo_dir, make_fifo
 from pgserver import free_port
+
+from wirefault.fifo_client import FaultProxy
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
@@ -78,6 +81,13 @@ def _command(kind: str, port: int, upstream_port: int, fifo: str, protocol: str,
         if rule:
             cmd += ["--rule", rule]
         return cmd + extra_args
+    if kind == "mitmdump-citus":
+        # Citus 13's harness, verbatim: no scheme in the reverse target, mitmproxy's default
+        # (eager) connection strategy, every interface.
+        return [str(BIN / "mitmdump"), "--rawtcp", "-p", str(port),
+                "--mode", f"reverse:localhost:{upstream_port}", "-s", str(MITMDUMP_SCRIPT),
+                "--set", f"fifo={fifo}", "--set", "flow_detail=0",
+                "--set", "termlog_verbosity=warn", *extra_args]
     if kind == "mitmdump":
         cmd = [str(BIN / "mitmdump"), "--rawtcp", "-p", str(port), "--listen-host", "127.0.0.1",
                "--mode", f"reverse:tcp://127.0.0.1:{upstream_port}", "-s", str(MITMDUMP_SCRIPT),
@@ -118,9 +128,7 @@ def running_proxy(
     proxy = RunningProxy(port, fifo, process, log_path, upstream_port)
     try:
         wait_for_port(port, process)
-        deadline = time.monotonic() + 10
-        while not os.path.exists(fifo) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        FaultProxy(fifo, timeout=30).wait_ready()  # the command channel serves
         if process.poll() is not None:
             raise RuntimeError(f"proxy exited with {process.returncode}")
         yield proxy
@@ -129,6 +137,7 @@ def running_proxy(
         raise
     finally:
         proxy.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager

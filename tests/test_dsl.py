@@ -242,9 +242,11 @@ def test_vocabulary_constants_match_the_parser() -> None:
 
 # --- rejections: message and column ---------------------------------------------------------
 
+ROOTS_HINT = "commands start with 'conn', 'recorder' or 'proxy'"
+
 REJECTIONS = [
     ("__import__('os')",
-     "column 1: name '__import__' is not allowed; commands start with 'conn' or 'recorder'"),
+     f"column 1: name '__import__' is not allowed; {ROOTS_HINT}"),
     ("conn.__class__", "column 6: attribute '__class__' is not allowed"),
     ("conn.onQuery.__globals__", "column 6: 'onQuery' must be called: write onQuery(...)"),
     ("conn.onQuery().__class__()", "column 16: attribute '__class__' is not allowed"),
@@ -342,10 +344,10 @@ REJECTIONS = [
     ("conn.kill()()", "column 12: a call is not allowed after kill(); expected .method(...)"),
     ("conn()", "column 5: a call is not allowed after conn; expected .method(...)"),
     ("os.system('true')",
-     "column 1: name 'os' is not allowed; commands start with 'conn' or 'recorder'"),
-    ("1", "column 1: value 1 is not allowed; commands start with 'conn' or 'recorder'"),
+     f"column 1: name 'os' is not allowed; {ROOTS_HINT}"),
+    ("1", f"column 1: value 1 is not allowed; {ROOTS_HINT}"),
     ("lambda: conn.kill()",
-     "column 1: a lambda is not allowed; commands start with 'conn' or 'recorder'"),
+     f"column 1: a lambda is not allowed; {ROOTS_HINT}"),
     ("conn.kill(", "column 10: syntax error: '(' was never closed"),
     ("conn.kill();;", "column 12: syntax error: invalid syntax"),
     ("x = 1", "column 3: syntax error: invalid syntax"),

@@ -143,24 +143,45 @@ def test_cancel_signals_then_holds_the_frame_and_keeps_order():
         d = LayerDriver("raw", f'conn.contains(b"x").cancel({child.pid})')
         out = d.from_client(b"x1")
         assert child.wait(timeout=5) == -signal.SIGINT
-        hold = of_type(out, commands.RequestWakeup)[0]
-        assert hold.delay == pytest.approx(0.1)
+        assert [delay for delay, _ in d.clock.timers] == [pytest.approx(0.1)]
         assert sent(out) == b""
+        assert d.clock.reading[d.client.id] is False
         assert sent(d.from_server(b"s")) == b""  # the connection is paused while held
         assert sent(d.from_client(b"c")) == b""
-        out = d.wakeup(hold)
+        out = d.clock.fire()[d.client.id]
         data = of_type(out, commands.SendData)
         assert [(c.connection, c.data) for c in data] == [
             (d.server, b"x1"), (d.client, b"s"), (d.server, b"c")]
+        assert d.clock.reading[d.client.id] is True
     finally:
         if child.poll() is None:
             child.kill()
 
 
+def test_cancel_pauses_every_connection_and_releases_them_in_order():
+    older = LayerDriver("raw", "conn.contains(b\"x\").cancel(999999999)")
+    runtime = older.runtime
+    trigger = LayerDriver(runtime=runtime)
+    assert sent(trigger.from_client(b"x")) == b""
+    # The other connection's reads are paused and what it had read waits too.
+    assert runtime.test_clock.reading[older.client.id] is False
+    assert sent(older.from_server(b"o1")) == b""
+    # A connection that starts now does not open its upstream until the pause ends.
+    newcomer = LayerDriver(runtime=runtime)
+    assert not of_type(newcomer.started, commands.OpenConnection)
+    assert sent(newcomer.from_client(b"n1")) == b""
+    released = runtime.test_clock.fire()
+    assert list(released) == [trigger.client.id, older.client.id, newcomer.client.id]
+    assert sent(released[trigger.client.id]) == b"x"
+    assert sent(released[older.client.id], older.client) == b"o1"
+    assert sent(released[newcomer.client.id], newcomer.server) == b"n1"
+    assert sent(older.from_server(b"o2")) == b"o2"  # flowing again
+
+
 def test_cancel_of_a_missing_process_still_forwards():
     d = LayerDriver("raw", "conn.cancel(999999999)")
-    hold = of_type(d.from_client(b"q"), commands.RequestWakeup)[0]
-    assert sent(d.wakeup(hold)) == b"q"
+    d.from_client(b"q")
+    assert sent(d.clock.fire()[d.client.id]) == b"q"
 
 
 def test_connect_delay_holds_only_the_first_client_frame():

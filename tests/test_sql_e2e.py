@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import pwd
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from proxy_helpers import RunningProxy, running_proxy_for_server_side_copy
+from fifo_helpers import POSTGRES_USER, postgres_ids
+from proxy_helpers import RunningProxy, running_proxy, running_proxy_for_server_side_copy
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 
@@ -73,3 +77,45 @@ def test_wirefault_command_raises_on_a_bad_command_and_arms_a_good_one(db, pg, p
         c.execute("SELECT 'via wirefault.traffic'")
     rows = db.execute("SELECT message FROM wirefault.traffic() WHERE conn = 0").fetchall()
     assert ("Query(query=SELECT 'via wirefault.traffic')",) in rows
+
+
+# -- a FIFO the proxy creates for the server's account ----------------------------------------
+
+
+def server_session(pg, fifo: str) -> psycopg.Connection:
+    conn = pg.connect(autocommit=True)
+    for name in ("citus_helpers.sql", "wirefault.sql"):
+        conn.execute((SQL_DIR / name).read_text())
+    conn.execute("SELECT set_config('citus.mitmfifo', %s, false)", (fifo,))
+    conn.execute("SELECT set_config('wirefault.fifo', %s, false)", (fifo,))
+    return conn
+
+
+def test_fifo_group_and_mode_offer_the_proxys_own_fifo_to_the_server(pg):
+    if postgres_ids() is None:
+        pytest.skip("needs root and a postgres account (the proxy and the server differ)")
+    postgres_gid = pwd.getpwnam(POSTGRES_USER).pw_gid
+    # running_proxy's directory is searchable by all; the proxy (root) creates the FIFO
+    with running_proxy(pg.port, extra_args=["--fifo-group", POSTGRES_USER,
+                                            "--fifo-mode", "0660"]) as proxy:
+        info = os.stat(proxy.fifo)
+        assert stat.S_ISFIFO(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o660
+        assert (info.st_uid, info.st_gid) == (0, postgres_gid)
+        with server_session(pg, proxy.fifo) as db:
+            assert db.execute("SELECT * FROM citus.mitmproxy('conn.allow()')").fetchall() == [
+                ("",)]
+            assert db.execute("SELECT wirefault.command('conn.allow()')").fetchone() == ("",)
+        assert proxy.stop() == 0
+        assert not os.path.lexists(proxy.fifo)  # the proxy made it, the proxy removed it
+
+
+def test_without_them_the_server_cannot_open_the_proxys_fifo(pg):
+    if postgres_ids() is None:
+        pytest.skip("needs root and a postgres account (the proxy and the server differ)")
+    with running_proxy(pg.port) as proxy, server_session(pg, proxy.fifo) as db:
+        assert stat.S_IMODE(os.stat(proxy.fifo).st_mode) == 0o600
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="Permission denied"):
+            db.execute("SELECT * FROM citus.mitmproxy('conn.allow()')")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege,
+                           match="wirefault: permission denied"):
+            db.execute("SELECT wirefault.command('conn.allow()')")

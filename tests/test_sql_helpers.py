@@ -3,6 +3,9 @@ real CommandChannel (the helper process of fifo_helpers.py) through a real FIFO.
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -10,7 +13,16 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from fifo_helpers import SEEDED_ROWS, ChannelProcess, fifo_dir, make_fifo
+from fifo_helpers import (
+    SEEDED_ROWS,
+    ChannelProcess,
+    blocked_in_fifo_open,
+    fifo_dir,
+    make_fifo,
+    postgres_ids,
+    shell_exchange,
+    wait_until,
+)
 
 from wirefault.proxy import dsl
 
@@ -228,3 +240,153 @@ def test_unprivileged_roles_need_the_documented_security_definer_setup(pg, helpe
             admin.execute(f"DROP ROLE {TEST_ROLE}")
         assert _rows(admin, "SELECT bool_or(prosecdef), count(proconfig) FROM pg_proc "
                             "WHERE pronamespace = 'wirefault'::regnamespace") == [(False, 0)]
+
+
+# -- a FIFO the server's account may not open -------------------------------------------------
+
+
+def test_wirefault_command_says_permission_denied_for_a_fifo_the_server_cannot_open(db):
+    if postgres_ids() is None:
+        pytest.skip("needs root, so the FIFO can belong to another account than the server's")
+    with fifo_dir() as directory:
+        # root's, mode 0600: served, but the server's account may not open it
+        fifo = make_fifo(directory / "root-only.fifo")
+        with ChannelProcess(fifo):
+            db.execute("SELECT set_config('wirefault.fifo', %s, false)", (str(fifo),))
+            started = time.monotonic()
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                db.execute("SELECT wirefault.command('conn.allow()')")
+            assert time.monotonic() - started < 1.5  # at once, not at the timeout
+            assert info.value.diag.message_primary == (
+                "wirefault: permission denied: the database server's OS account cannot read "
+                f"and write FIFO {fifo}")
+            assert "--fifo-group" in info.value.diag.message_hint
+            assert shell_exchange(fifo, "test:count").stdout == "1\n"  # nothing reached it
+    assert _rows(db, "SELECT 1") == [(1,)]
+
+
+def test_wirefault_command_says_permission_denied_for_a_directory_the_server_cannot_search(db):
+    if postgres_ids() is None:
+        pytest.skip("needs root, so the directory can belong to another account")
+    with fifo_dir() as directory:
+        private = directory / "private"
+        private.mkdir(mode=0o700)
+        fifo = make_fifo(private / "proxy.fifo", for_postgres=True)
+        db.execute("SELECT set_config('wirefault.fifo', %s, false)", (str(fifo),))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+            db.execute("SELECT wirefault.command('conn.allow()')")
+    assert info.value.diag.message_primary == (
+        "wirefault: permission denied: the database server's OS account cannot reach FIFO "
+        f"{fifo} (a directory on its path is not searchable)")
+
+
+# -- a citus helper blocked on a FIFO nobody serves -------------------------------------------
+
+DOCUMENTED_FIFO = "/tmp/wirefault.fifo"
+
+
+def documented_release_line() -> str:
+    """The one-liner citus_helpers.sql gives for freeing a stuck backend, as written."""
+    lines = [line.removeprefix("--").strip()
+             for line in (SQL_DIR / "citus_helpers.sql").read_text().splitlines()
+             if line.startswith("--   psql ")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+class BlockedCall:
+    """A session running `query` in a thread; it blocks in open() of a FIFO nobody serves."""
+
+    def __init__(self, pg, fifo: Path, query: str) -> None:
+        self.conn = pg.connect(autocommit=True)
+        self.conn.execute("SELECT set_config('citus.mitmfifo', %s, false)", (str(fifo),))
+        self.pid = self.conn.info.backend_pid
+        self.query = query
+        self.outcome: BaseException | list[tuple] | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.outcome = self.conn.execute(self.query).fetchall()
+        except BaseException as exc:
+            self.outcome = exc
+
+    def start(self) -> BlockedCall:
+        self.thread.start()
+        return self
+
+    def blocked(self) -> bool:
+        return self.thread.is_alive() and blocked_in_fifo_open(self.pid)
+
+    def finished(self, timeout: float) -> bool:
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def consume_one_command(fifo: Path) -> threading.Thread:
+    """A "proxy" that reads one command and dies without replying: the COPY TO goes
+    through, the COPY FROM then waits for a writer that never comes."""
+    def read_and_vanish() -> None:
+        with open(fifo, "rb") as reader:  # blocks until the backend opens it to write
+            reader.read()
+
+    thread = threading.Thread(target=read_and_vanish, daemon=True)
+    thread.start()
+    return thread
+
+
+def release_env(pg) -> dict[str, str]:
+    return dict(os.environ, PGHOST=pg.host, PGPORT=str(pg.port), PGUSER=pg.user,
+                PGDATABASE=pg.dbname, PATH=f"{pg.bindir}:{os.environ['PATH']}")
+
+
+@pytest.mark.parametrize("stuck_in", ["TO", "FROM"])
+def test_the_documented_one_liner_frees_a_citus_call_stuck_on_an_unserved_fifo(
+        pg, helpers_loaded, fifo, stuck_in):
+    query = ("SELECT * FROM citus.mitmproxy('conn.allow()')" if stuck_in == "TO"
+             else "SELECT * FROM citus.dump_network_traffic()")
+    reader = consume_one_command(fifo) if stuck_in == "FROM" else None
+    call = BlockedCall(pg, fifo, query).start()
+    try:
+        if reader is not None:
+            reader.join(10)
+            assert not reader.is_alive(), "the command never reached the FIFO"
+        assert wait_until(call.blocked, 10), "the backend never blocked in open()"
+        line = documented_release_line().replace(DOCUMENTED_FIFO, str(fifo))
+        released = subprocess.run(["sh", "-c", line], env=release_env(pg), capture_output=True,
+                                  text=True, timeout=30)
+        assert released.returncode == 0, released.stderr
+        assert call.finished(10), "the backend is still stuck"
+        assert isinstance(call.outcome, psycopg.errors.QueryCanceled), call.outcome
+        # the error's context names the statement it was stuck in
+        assert re.search(rf"COPY \w+ {stuck_in} '{fifo}'", call.outcome.diag.context or "")
+        assert call.conn.execute("SELECT 1").fetchone() == (1,)  # the session lives on
+    finally:
+        if not call.finished(0):
+            subprocess.run(["sh", "-c", ': <> "$1"', "sh", str(fifo)], timeout=10)
+        call.close()
+
+
+def test_signals_alone_leave_a_citus_call_stuck_on_an_unserved_fifo(pg, helpers_loaded, fifo):
+    call = BlockedCall(pg, fifo, "SELECT * FROM citus.mitmproxy('conn.allow()')").start()
+    try:
+        assert wait_until(call.blocked, 10)
+        with pg.connect(autocommit=True) as admin:
+            assert _rows(admin, "SELECT pg_cancel_backend(%s), pg_terminate_backend(%s)",
+                         call.pid, call.pid) == [(True, True)]
+            # What the README used to promise: it does not happen, the open() restarts.
+            assert not call.finished(1.0)
+            assert call.blocked()
+            assert _rows(admin, "SELECT state FROM pg_stat_activity WHERE pid = %s",
+                         call.pid) == [("active",)]
+        # Opening the FIFO is what lets the pending termination through.
+        subprocess.run(["sh", "-c", ': <> "$1"', "sh", str(fifo)], check=True, timeout=10)
+        assert call.finished(10)
+        assert isinstance(call.outcome, psycopg.errors.AdminShutdown), call.outcome
+    finally:
+        if not call.finished(0):
+            subprocess.run(["sh", "-c", ': <> "$1"', "sh", str(fifo)], timeout=10)
+        call.close()

@@ -19,6 +19,8 @@ class Verdict(Enum):
     RESET = "reset"
     HOLD = "hold"
     """Hold the frame for `Decision.delay` seconds, then forward it without re-evaluation."""
+    PAUSE_PROXY = "pause_proxy"
+    """As HOLD, and every other connection of the proxy waits too (see proxy/pause.py)."""
 
 
 @dataclass(frozen=True, slots=True)

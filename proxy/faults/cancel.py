@@ -1,4 +1,5 @@
-"""cancel(pid): SIGINT the process, then hold the frame briefly so the signal lands first."""
+"""cancel(pid): SIGINT the process, then pause the whole proxy briefly so the signal lands
+before the triggering frame, or any other connection's traffic, is forwarded."""
 
 from __future__ import annotations
 
@@ -16,12 +17,18 @@ logger = logging.getLogger(__name__)
 HOLD_SECONDS = 0.1
 
 
+def protected_pids() -> dict[int, str]:
+    """Processes cancel(pid) must never signal: SIGINT would stop the proxy itself, or the
+    harness that started it."""
+    return {os.getpid(): "the proxy itself", os.getppid(): "the process that started the proxy"}
+
+
 class Cancel:
     name: ClassVar[str] = "cancel"
 
     def __init__(self, pid: int, hold_seconds: float = HOLD_SECONDS) -> None:
         self.pid = pid
-        self.hold = Decision(Verdict.HOLD, hold_seconds)
+        self.hold = Decision(Verdict.PAUSE_PROXY, hold_seconds)
 
     def decide(self, frame: Frame, conn: ConnectionState, shared: SharedState) -> Decision:
         try:
