@@ -29,6 +29,7 @@ DUMP = "recorder.dump()"
 RESET = "recorder.reset()"
 ALLOW = "conn.allow()"
 PING = "proxy.ping()"
+STATUS = "proxy.status()"
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,11 +85,24 @@ class FaultProxy:
         """Let all traffic through again (`conn.allow()`)."""
         self.send(ALLOW)
 
+    def status(self) -> dict[str, int]:
+        """What the proxy holds (`proxy.status()`): `connections` it relays, mitmproxy's
+        `handlers`, the event loop's `tasks`, and the frames the rule in force `fired` on.
+
+        >>> proxy.status()                                               # doctest: +SKIP
+        {'connections': 0, 'handlers': 0, 'tasks': 4, 'fired': 0}
+        """
+        reply = self.send(STATUS)
+        return {key: int(value) for key, value in
+                (item.split("=", 1) for item in reply.split())}
+
     def wait_ready(self) -> None:
         """Return once a proxy answers on the FIFO (`proxy.ping()`, which changes nothing);
         `ProxyUnavailable` when none does within the timeout. The FIFO, and its directory,
-        may appear while this waits."""
-        self.send(PING)
+        may appear while this waits. A proxy too old to know `proxy.ping()` answers with
+        an error, which is an answer too."""
+        with contextlib.suppress(CommandError):
+            self.send(PING)
 
     def reset_traffic(self) -> None:
         """Forget the recorded traffic and restart connection numbers (`recorder.reset()`)."""
@@ -136,13 +150,15 @@ def _strip_final_newline(text: str) -> str:
 
 
 def _is_dump(text: str) -> bool:
+    """Whether the command's reply is data (not an error): recorder.dump(), proxy.status()."""
     from wirefault.proxy import dsl
 
     try:
-        parsed = dsl.parse(text, "raw")  # recorder commands are the same for every protocol
+        parsed = dsl.parse(text, "raw")  # these commands are the same for every protocol
     except dsl.CommandError:
         return False
-    return isinstance(parsed, dsl.RecorderCommand) and parsed.name == "dump"
+    return (isinstance(parsed, dsl.RecorderCommand) and parsed.name == "dump") or \
+        (isinstance(parsed, dsl.ProxyCommand) and parsed.name == "status")
 
 
 # -- COPY text format -----------------------------------------------------------------------

@@ -45,7 +45,8 @@ _UINT16 = struct.Struct(">H")
 
 
 def _tolerant_text(raw: bytes) -> str:
-    # surrogateescape keeps undecodable bytes, so re-encoding gives back the same bytes
+    # surrogateescape keeps undecodable bytes, so re-encoding gives back the same bytes;
+    # filters and dumps show them as \xNN (base.text_of)
     return raw.decode("utf-8", "surrogateescape")
 
 

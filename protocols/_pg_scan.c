@@ -11,11 +11,14 @@
  *   data:       the read (bytes)
  *   pos:        where a message begins
  *   plain:      256 bytes; nonzero where a type byte names one message in this direction
- *   max_length: the largest length field accepted
+ *   max_length: the largest length field accepted: any int (below 4, none is; beyond
+ *               UINT32_MAX, every one is)
  * Walks messages from `pos` while the header is complete, the type byte is plain, the length
  * is between 4 and max_length and the whole message is in `data`. Returns where it stopped,
  * the type byte of each message (bytes) and each message's end offset (native int64s).
- * protocols/_pg_scan.py holds the same function in Python; tests check they agree.
+ * protocols/_pg_scan.py holds the same function in Python; tests check they agree on every
+ * input, any int as pos or max_length included (the same result, or the same exception with
+ * the same message). Only the types are checked here alone: the framer's are always right.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -24,6 +27,26 @@
 
 static inline uint32_t read_length(const unsigned char *at) {
     return ((uint32_t)at[0] << 24) | ((uint32_t)at[1] << 16) | ((uint32_t)at[2] << 8) | at[3];
+}
+
+/* The length limit as a uint32: any Python int fits, because the framer's limit is
+ * whatever the user configured, minus one, and must never make the walk raise. A negative
+ * limit accepts no length, as 0 does (every length is below 4 or above it); one beyond
+ * UINT32_MAX accepts every length, as UINT32_MAX does. -1 only when it is not an int. */
+static int read_limit(PyObject *obj, uint32_t *limit) {
+    int overflow;
+    long long value = PyLong_AsLongLongAndOverflow(obj, &overflow);
+    if (value == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (overflow > 0 || (overflow == 0 && value > (long long)UINT32_MAX)) {
+        *limit = UINT32_MAX;
+    } else if (overflow < 0 || value < 0) {
+        *limit = 0;
+    } else {
+        *limit = (uint32_t)value;
+    }
+    return 0;
 }
 
 /* Counts the messages from pos (when out_types is NULL) or records them. */
@@ -69,19 +92,24 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     const unsigned char *plain = (const unsigned char *)PyBytes_AS_STRING(args[2]);
-    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
+    /* Any int: an exact one the quick way (the framer's), another through __index__; one
+     * beyond Py_ssize_t is outside data too, as in Python. */
+    Py_ssize_t pos = PyLong_CheckExact(args[1]) ? PyLong_AsSsize_t(args[1])
+                                                : PyNumber_AsSsize_t(args[1], NULL);
     if (pos == -1 && PyErr_Occurred()) {
-        return NULL;
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            return NULL;
+        }
+        PyErr_Clear();
     }
     if (pos < 0 || pos > size) {
         PyErr_SetString(PyExc_ValueError, "scan: pos is outside data");
         return NULL;
     }
-    unsigned long long max_length = PyLong_AsUnsignedLongLong(args[3]);
-    if (max_length == (unsigned long long)-1 && PyErr_Occurred()) {
+    uint32_t limit;
+    if (read_limit(args[3], &limit) < 0) {
         return NULL;
     }
-    uint32_t limit = max_length > UINT32_MAX ? UINT32_MAX : (uint32_t)max_length;
 
     Py_ssize_t stop;
     Py_ssize_t count = walk(buf, size, pos, plain, limit, NULL, NULL, &stop);

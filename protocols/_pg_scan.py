@@ -4,7 +4,8 @@
 message whose type byte is plain (`plain[type_byte]` nonzero: one message in this direction)
 and whose length field lies in 4..max_length; stops at the first other one. `types` holds
 each message's type byte, `ends` each message's end offset in `data` (native int64s, read
-with `memoryview(ends).cast("q")`), `stop` where the walk stopped.
+with `memoryview(ends).cast("q")`), `stop` where the walk stopped. `max_length` may be any
+int: negative accepts no message, as 0 does, and beyond 2**32 - 1 every length.
 
 The C version (`_pg_scan.c`, built by `pip install`) does in nanoseconds what costs about
 0.3 microseconds per message here; `scan_python` is the same walk, used where no compiler
@@ -21,6 +22,8 @@ _HEADER = struct.Struct(">BI")
 
 def scan_python(data: bytes, pos: int, plain: bytes, max_length: int
                 ) -> tuple[int, bytes, bytes]:
+    # Any int is a position or a limit, as in C; checking the types too (the framer's are
+    # always bytes and int, which C checks) would cost this fallback a fifth per call.
     if not 0 <= pos <= len(data):
         raise ValueError("scan: pos is outside data")
     size = len(data)

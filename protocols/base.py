@@ -8,8 +8,9 @@ decoding fields is paid only when `Frame.fields` is first read.
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -45,7 +46,7 @@ class MessageSpec:
     payload_offset: int | None = None
     """Set when the message is this many header bytes followed by its only field, a bytes
     payload to the end of the frame (PostgreSQL's CopyData): such a frame renders from the
-    start of its payload and its size (`render_payload`), without decoding or copying it."""
+    start of its payload and its size (`cut_payload`), without decoding or copying it."""
 
 
 class Frame:
@@ -99,6 +100,16 @@ class Frame:
                     self._fields = {}
         return self._fields
 
+    def fields_once(self) -> dict[str, Any]:
+        """`fields`, without keeping what it decodes for the next reader: for one that keeps
+        only a cut copy (the recorder), so a large frame's decoded values are freed at once
+        instead of living as long as the frame."""
+        if self._fields is not None:
+            return self._fields
+        fields = self.fields
+        self._fields = None
+        return fields
+
     def field_text(self, name: str) -> str | None:
         """The text form of one field, as regex filters see it; None when absent."""
         fields = self.fields
@@ -106,62 +117,177 @@ class Frame:
             return None
         return text_of(fields[name])
 
-    def render(self, max_value_chars: int | None = None, max_bytes: int | None = None) -> str:
+    def render(self, limits: Limits | None = None) -> str:
         """A one-line readable form, e.g. `Query(query=SELECT 1)`.
 
-        With `max_value_chars`, each field's text is cut to that length; with `max_bytes`,
-        bytes fields are cut to that many bytes before decoding (decoding binary data costs
-        per invalid byte). Large payloads then cost little to render."""
+        With `limits`, every value is cut to them before any of it is rendered (see
+        `cut_fields`), so a large frame costs what its cut copy costs, not its size."""
         if self.type == PROTOCOL_ERROR:
             return f"{PROTOCOL_ERROR}(error={self.error})"
         if self.spec is None:
             return f"{self.type}(length={len(self.data)})"
-        inner = ", ".join(
-            f"{k}={_rendered_value(v, max_value_chars, max_bytes)}"
-            for k, v in self.fields.items()
-        )
-        return f"{self.type}({inner})"
+        return render_cut(self.type, cut_fields(self.fields, limits or NO_LIMITS)[0])
 
     def __repr__(self) -> str:
         direction = "C>S" if self.from_client else "S>C"
         return f"<Frame {direction} {self.type} {len(self.data)}B span={self.span}>"
 
 
-def render_payload(spec: MessageSpec, head: bytes, size: int, max_value_chars: int | None,
-                   max_bytes: int) -> str:
-    """`Frame.render(max_value_chars, max_bytes)` of a frame of a payload message (see
-    `MessageSpec.payload_offset`) whose payload is `size` bytes long and starts with `head`
-    (at least its first `max_bytes` bytes)."""
-    (field_name,) = spec.fields
-    value = _rendered_value(head, max_value_chars, max_bytes, size)
-    return f"{spec.name}({field_name}={value})"
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How much of each value a rendering keeps; None keeps all of it."""
+
+    chars: int | None = None
+    """Of a text value, in characters."""
+    bytes: int | None = None
+    """Of a bytes value, in bytes."""
+    items: int | None = None
+    """Of a list or map, in items (each item then cut by these limits too)."""
 
 
-def _rendered_value(value: Any, max_chars: int | None, max_bytes: int | None,
-                    full_size: int | None = None) -> str:
-    """A field's text for `Frame.render`, cut (and marked as cut) to the given limits.
-    `full_size`: the length of a bytes value of which `value` is the start."""
-    size = ""
-    if max_bytes is not None and isinstance(value, bytes | bytearray | memoryview):
-        length = len(value) if full_size is None else full_size
-        if length > max_bytes:
-            size = f"...({length} bytes)"
-            value = value[:max_bytes]
-    text = text_of(value)
-    if max_chars is not None and len(text) > max_chars:
-        size = size or f"...({len(text)} chars)"
-        text = text[:max_chars]
-    return printable(text) + size
+NO_LIMITS = Limits()
+
+# A cut copy is one flat tuple of strings, bytes and numbers, which the garbage collector
+# stops tracking at its first pass (nested tuples would take a pass per level). Each value is
+# written as itself, except an int and a value that was cut or has items, which start with a
+# tag (an int): `_WHOLE, 7`; `_CUT_BYTES, first bytes, full size`; `_CUT_TEXT, first
+# characters, full length`; `_LIST, full count, kept count, item...`; `_MAP, full count,
+# kept count, key, value...`.
+_WHOLE, _CUT_BYTES, _CUT_TEXT, _LIST, _MAP = range(5)
+
+_OBJECT_BYTES = 48
+"""Roughly what CPython spends on one small object besides its content, for the estimate of
+what a cut copy holds."""
+
+
+def cut_fields(fields: Mapping[str, Any], limits: Limits) -> tuple[tuple[Any, ...], int]:
+    """A bounded copy of decoded fields, to render later with `render_cut`: each field's
+    name then its value cut to `limits` (nested values each by its own limit), in one flat
+    tuple; and an estimate of the bytes the copy holds."""
+    cut: list[Any] = []
+    size = _OBJECT_BYTES
+    for name, value in fields.items():
+        cut.append(name)
+        size += _cut_into(cut, value, limits)
+    return tuple(cut), size + 8 * len(cut)
+
+
+def cut_payload(spec: MessageSpec, head: bytes, size: int,
+                limits: Limits) -> tuple[tuple[Any, ...], int]:
+    """`cut_fields` of a frame of a payload message (see `MessageSpec.payload_offset`) whose
+    payload is `size` bytes long and starts with `head` (at least `limits.bytes` of it),
+    without decoding the frame."""
+    (name,) = spec.fields
+    cut = [name]
+    held = _cut_bytes_into(cut, head, size, limits.bytes)
+    return tuple(cut), held + _OBJECT_BYTES + 8 * len(cut)
+
+
+def _cut_into(cut: list[Any], value: Any, limits: Limits) -> int:
+    """Appends `value`, cut to `limits`, to the cut copy `cut`; returns roughly the bytes of
+    the objects it added (besides their slots)."""
+    if isinstance(value, bytes | bytearray | memoryview):  # the usual value, first
+        return _cut_bytes_into(cut, value, len(value), limits.bytes)
+    if isinstance(value, str):
+        most = limits.chars
+        if most is not None and len(value) > most:
+            cut += (_CUT_TEXT, value[:most], len(value))
+            return most + 2 * _OBJECT_BYTES
+        cut.append(value)
+        return len(value) + _OBJECT_BYTES
+    if type(value) is int:
+        cut += (_WHOLE, value)
+        return _OBJECT_BYTES
+    if value is None or isinstance(value, int | float):  # bool, float: not tags
+        cut.append(value)
+        return _OBJECT_BYTES
+    if isinstance(value, list | tuple):
+        return _cut_items_into(cut, _LIST, len(value), value, limits)
+    if isinstance(value, Mapping):  # last: an ABC's check costs more than the others
+        return _cut_items_into(cut, _MAP, len(value), value.items(), limits)
+    return _cut_into(cut, str(value), limits)
+
+
+def _cut_bytes_into(cut: list[Any], value: bytes | bytearray | memoryview, size: int,
+                    most: int | None) -> int:
+    """`_cut_into` for a bytes value of `size` bytes that starts with `value`."""
+    if most is not None and size > most:
+        cut += (_CUT_BYTES, bytes(value[:most]), size)
+        return most + 2 * _OBJECT_BYTES
+    cut.append(value if type(value) is bytes else bytes(value))
+    return size + _OBJECT_BYTES
+
+
+def _cut_items_into(cut: list[Any], tag: int, count: int, items: Iterable[Any],
+                    limits: Limits) -> int:
+    """`_cut_into` for a list (tag _LIST) or the (key, value) pairs of a map (_MAP) of
+    `count` items: the first `limits.items` of them, each cut."""
+    kept = count if limits.items is None else min(count, limits.items)
+    cut += (tag, count, kept)
+    held = 0
+    for item in itertools.islice(items, kept):
+        if tag == _MAP:
+            held += _cut_into(cut, item[0], limits) + _cut_into(cut, item[1], limits)
+        else:
+            held += _cut_into(cut, item, limits)
+    return held
+
+
+def render_cut(type_name: str, cut: tuple[Any, ...]) -> str:
+    """The readable form of a frame from the cut copy of its fields (`cut_fields`): each
+    value's text, with control characters escaped, and where a value was cut, its full size
+    (`...(8192 bytes)`, `...(5000 chars)`, `...(300 items)`)."""
+    fields = []
+    at = 0
+    while at < len(cut):
+        text, after = _text_at(cut, at + 1)
+        fields.append(f"{cut[at]}={printable(text)}")
+        at = after
+    return f"{type_name}({', '.join(fields)})"
+
+
+def _text_at(cut: tuple[Any, ...], at: int) -> tuple[str, int]:
+    """The text of the value written at `cut[at]` (`text_of` of the value it was cut from,
+    as far as it was kept, marked where cut), and where the next value starts."""
+    token = cut[at]
+    if type(token) is not int:
+        return text_of(token), at + 1
+    if token == _WHOLE:
+        return text_of(cut[at + 1]), at + 2
+    if token in (_CUT_BYTES, _CUT_TEXT):
+        unit = "bytes" if token == _CUT_BYTES else "chars"
+        return f"{text_of(cut[at + 1])}...({cut[at + 2]} {unit})", at + 3
+    count, kept = cut[at + 1], cut[at + 2]
+    at += 3
+    parts = []
+    for _ in range(kept):
+        text, at = _text_at(cut, at)
+        if token == _MAP:
+            value, at = _text_at(cut, at)
+            text = f"{text}: {value}"
+        parts.append(text)
+    if count > kept:
+        parts.append(f"...({count} items)")
+    return (_list_text(parts) if token == _LIST else _map_text(parts)), at
+
+
+def _list_text(parts: Iterable[str]) -> str:
+    return "[" + ", ".join(parts) + "]"
+
+
+def _map_text(entries: Iterable[str]) -> str:
+    return "{" + ", ".join(entries) + "}"
 
 
 def text_of(value: Any) -> str:
     """The text form of a decoded field value, used by regex filters and the recorder.
 
-    Bytes are UTF-8 text when they are valid UTF-8; otherwise Python's bytes escapes
-    (`\\xNN` for every non-ASCII or control byte), which cost little even for large
-    binary payloads."""
+    Text is itself, except that each byte that was not valid UTF-8 (decoded as a surrogate
+    escape) shows as `\\xNN`. Bytes are UTF-8 text when they are valid UTF-8; otherwise
+    Python's bytes escapes (`\\xNN` for every non-ASCII or control byte), which cost little
+    even for large binary payloads."""
     if isinstance(value, str):
-        return value
+        return value if value.isascii() else _undecodable_escaped(value)
     if isinstance(value, bytes | bytearray | memoryview):
         raw = bytes(value)
         try:
@@ -173,10 +299,24 @@ def text_of(value: Any) -> str:
     if value is None:
         return "NULL"
     if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{k}: {text_of(v)}" for k, v in value.items()) + "}"
+        return _map_text(f"{text_of(k)}: {text_of(v)}" for k, v in value.items())
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(text_of(v) for v in value) + "]"
+        return _list_text(text_of(v) for v in value)
     return str(value)
+
+
+def _undecodable_escaped(text: str) -> str:
+    """`text` with the bytes a tolerant decoder could not decode (surrogate escapes,
+    U+DC80..U+DCFF) shown as `\\xNN`, as Python's `backslashreplace` shows them."""
+    try:
+        text.encode("utf-8")
+        return text  # no surrogates: the usual case for non-ASCII text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no decoder makes: show its code point
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 _CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c not in (9, 10, 13)}
@@ -234,6 +374,9 @@ class ProtocolSpec:
     description: str = ""
     extra_types: tuple[str, ...] = field(default=())
     """Frame types the framer can yield beyond the catalogue (e.g. `ProtocolError`)."""
+    client_speaks_first: bool = True
+    """Whether the client always sends before the server: then the upstream connection can
+    wait for the client's first bytes; otherwise it is opened at once (a server's banner)."""
 
     def message(self, name: str) -> MessageSpec:
         return self.messages[name]

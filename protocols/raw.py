@@ -66,4 +66,5 @@ PROTOCOL = ProtocolSpec(
     new_session=new_session,
     default_max_frame=DEFAULT_MAX_FRAME,
     description="No framing: each TCP read is one Data frame.",
+    client_speaks_first=False,  # anything may run over raw TCP, a server's greeting too
 )

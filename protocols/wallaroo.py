@@ -113,7 +113,8 @@ LEGAL_FLAG_VALUES = tuple(value for value in range(256) if _LEGAL_FLAGS[value])
 
 class _Text(Adapter):
     """Bytes shown as text. Invalid UTF-8 decodes through surrogate escapes, so decoding never
-    fails and re-encoding restores the exact bytes; encoding also accepts bytes."""
+    fails and re-encoding restores the exact bytes (filters and dumps show such bytes as
+    `\\xNN`: see `base.text_of`); encoding also accepts bytes."""
 
     def _decode(self, obj: bytes, context: Any, path: str) -> str:
         return obj.decode("utf-8", "surrogateescape")

@@ -2,8 +2,8 @@
 
 Options (`--set name=value` in mitmdump): `fifo` (command FIFO path), `fifo_mode` and
 `fifo_group` (for a FIFO it creates), `slug` (the rule in force at start), `protocol`
-(postgres, wallaroo or raw), `kill_grace`, `recorder_limit`, `source_labels`,
-`fifo_reply_timeout`, `max_frame`, `fast_path`, `wirefault_flows`.
+(postgres, wallaroo or raw), `kill_grace`, `recorder_limit`, `recorder_max_bytes`,
+`source_labels`, `fifo_reply_timeout`, `max_frame`, `idle_timeout`, `fast_path`, `wirefault_flows`.
 
 With `--rawtcp` and a reverse target without a scheme (`--mode reverse:HOST:PORT`, as Citus's
 harness starts it), connections are relayed as raw TCP, not as the https mitmproxy assumes.
@@ -23,7 +23,12 @@ from wirefault import protocols
 
 from . import dsl, mitm_internals
 from .layer import WirefaultLayer
-from .recorder import DEFAULT_CLIENT_LABEL, DEFAULT_LIMIT, DEFAULT_SERVER_LABEL
+from .recorder import (
+    DEFAULT_CLIENT_LABEL,
+    DEFAULT_LIMIT,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_SERVER_LABEL,
+)
 from .rules import DEFAULT_RULE
 from .runtime import DEFAULT_KILL_GRACE, DEFAULT_REPLY_TIMEOUT, ProxyRuntime
 
@@ -59,6 +64,9 @@ class WirefaultAddon:
                           "the other side anyway.")
         loader.add_option("recorder_limit", int, DEFAULT_LIMIT,
                           "Frames the recorder keeps; older ones are dropped and counted.")
+        loader.add_option("recorder_max_bytes", int, DEFAULT_MAX_BYTES,
+                          "Bytes the recorder's rows may hold; older ones are dropped and "
+                          "counted.")
         loader.add_option("source_labels", str, DEFAULT_LABELS,
                           "Recorder labels for client and server frames, comma-separated.")
         loader.add_option("fifo_reply_timeout", str, str(DEFAULT_REPLY_TIMEOUT),
@@ -69,6 +77,9 @@ class WirefaultAddon:
                           "Group (name or gid) of a command FIFO the proxy creates.")
         loader.add_option("max_frame", int, 0,
                           "Largest frame accepted, in bytes (0: the protocol's default).")
+        loader.add_option("idle_timeout", str, "0",
+                          "Seconds without a read after which a connection is closed "
+                          "(0: never, the default).")
         loader.add_option("fast_path", bool, True,
                           "Relay established connections straight from their sockets, "
                           "bypassing mitmproxy's per-read machinery.")
@@ -79,8 +90,8 @@ class WirefaultAddon:
         return OptionsError(f"{self.option_names.get(option, option)}: {problem}")
 
     def configure(self, updated: set[str]) -> None:
-        rebuild = {"protocol", "recorder_limit", "source_labels", "max_frame", "kill_grace",
-                   "wirefault_flows", "fast_path"}
+        rebuild = {"protocol", "recorder_limit", "recorder_max_bytes", "source_labels",
+                   "max_frame", "kill_grace", "wirefault_flows", "fast_path", "idle_timeout"}
         if self.runtime is None or updated & rebuild:
             self.runtime = self._build_runtime()
         elif "slug" in updated:
@@ -120,6 +131,9 @@ class WirefaultAddon:
                                     f"by a comma, as CLIENT,SERVER: {opts.source_labels!r}")
         if opts.recorder_limit < 1:
             raise self.option_error("recorder_limit", f"must be >= 1: {opts.recorder_limit}")
+        if opts.recorder_max_bytes < 1:
+            raise self.option_error("recorder_max_bytes",
+                                    f"must be >= 1: {opts.recorder_max_bytes}")
         if opts.max_frame < 0:
             raise self.option_error("max_frame", f"must be >= 0: {opts.max_frame}")
         try:
@@ -132,14 +146,13 @@ class WirefaultAddon:
                 kill_grace=self._seconds("kill_grace"),
                 max_frame=opts.max_frame or None,
                 make_flows=opts.wirefault_flows,
-                abort_with_rst=self._abort_with_rst,
                 fast_path=opts.fast_path,
-                take_over=self._take_over,
-                deliver_event=self._deliver_event,
-                set_reading=self._set_reading,
+                idle_timeout=self._seconds("idle_timeout") or None,
+                edge=mitm_internals.MitmEdge(lambda: ctx.master.addons.get("proxyserver")),
             )
         except dsl.CommandError as exc:
             raise self.option_error("slug", exc) from None
+        runtime.recorder.max_bytes = opts.recorder_max_bytes
         logger.info("wirefault: protocol %s, rule %s", protocol.name, runtime.engine.rule.text)
         return runtime
 
@@ -154,22 +167,6 @@ class WirefaultAddon:
             raise self.option_error(option, f"must be a finite number of seconds {bound}: "
                                             f"{text!r}")
         return value
-
-    @staticmethod
-    def _abort_with_rst(client_id: str) -> bool:
-        return mitm_internals.abort_with_rst(ctx.master.addons.get("proxyserver"), client_id)
-
-    @staticmethod
-    def _take_over(client_id: str):
-        return mitm_internals.take_over_transports(ctx.master.addons.get("proxyserver"), client_id)
-
-    @staticmethod
-    def _deliver_event(client_id: str, event) -> bool:
-        return mitm_internals.deliver_event(ctx.master.addons.get("proxyserver"), client_id, event)
-
-    @staticmethod
-    def _set_reading(client_id: str, reading: bool) -> None:
-        mitm_internals.set_reading(ctx.master.addons.get("proxyserver"), client_id, reading)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -214,10 +211,17 @@ class WirefaultAddon:
     # -- layers ----------------------------------------------------------------------------
 
     def next_layer(self, nextlayer: mitm_layer.NextLayer) -> None:
-        if (self._raw_tcp_reverse and nextlayer.layer is None and self.runtime is not None
-                and mitm_internals.is_reverse_proxy_start(nextlayer.context)):
+        if self.runtime is not None and mitm_internals.is_raw_tcp_reverse_start(
+                nextlayer, bare_is_tcp=self._raw_tcp_reverse):
+            # A raw TCP reverse proxy is wirefault's whatever the client sends first. For a
+            # ClientHello (PostgreSQL's sslnegotiation=direct) mitmproxy picks its own TLS
+            # layer, which has no certificate here and never opens the upstream; wirefault
+            # relays TLS it does not terminate as opaque bytes. In the runner mitmproxy's
+            # chooser has run already: its choice is undone first.
+            mitm_internals.discard_layer_choice(nextlayer)
             nextlayer.layer = WirefaultLayer(nextlayer.context, self.runtime)
             return
+        # Any other mode keeps mitmproxy's choice; only its plain TCP layer becomes ours.
         if nextlayer.layer is None:
             # As a mitmdump script we run before mitmproxy's own choice: let it choose first.
             chooser = ctx.master.addons.get("nextlayer")
@@ -232,6 +236,14 @@ class WirefaultAddon:
 
     # -- commands --------------------------------------------------------------------------
 
+    def _status(self) -> str:
+        import asyncio
+
+        assert self.runtime is not None
+        handlers = mitm_internals.handler_count(ctx.master.addons.get("proxyserver"))
+        return (f"connections={len(self.runtime.pause.connections)} handlers={handlers} "
+                f"tasks={len(asyncio.all_tasks())} fired={self.runtime.engine.rule.shared.fired}")
+
     def handle_command(self, text: str) -> str:
         """The full reply to one command: "\\n" on success, the error line, or dump rows."""
         assert self.runtime is not None
@@ -240,8 +252,8 @@ class WirefaultAddon:
         except dsl.CommandError as exc:
             logger.warning("wirefault: rejected command %r: %s", text, exc)
             return f"{exc}\n"
-        if isinstance(parsed, dsl.ProxyCommand):  # ping
-            return "\n"
+        if isinstance(parsed, dsl.ProxyCommand):
+            return f"{self._status()}\n" if parsed.name == "status" else "\n"
         if isinstance(parsed, dsl.RecorderCommand):
             if parsed.name == "dump":
                 rows = self.runtime.recorder.dump()

@@ -88,7 +88,8 @@ class RecorderCommand:
 
 @dataclass(frozen=True)
 class ProxyCommand:
-    """`proxy.ping()`: asks whether a proxy serves the channel, and changes nothing."""
+    """`proxy.ping()` (is a proxy serving the channel?) or `proxy.status()` (what it holds);
+    neither changes anything."""
 
     name: str
     text: str
@@ -160,6 +161,9 @@ RECORDER_COMMANDS: Mapping[str, MethodSpec] = _vocabulary(
 
 PROXY_COMMANDS: Mapping[str, MethodSpec] = _vocabulary(
     MethodSpec("ping", (), "answer (with an empty line) and change nothing"),
+    MethodSpec("status", (), "one line: the connections the proxy relays, mitmproxy's "
+                             "connection handlers, the event loop's tasks, and how many "
+                             "frames the rule in force acted on"),
 )
 
 ROOTS = ("conn", "recorder", "proxy")

@@ -4,7 +4,14 @@ Events in, commands out. Each read is framed with the connection's protocol; eac
 recorded and judged by the rule in force; frames that pass are forwarded (the whole read at
 once when nothing was held back), and a fault acts at the exact frame that triggered it.
 A hold (connect_delay) pauses this connection alone with a `RequestWakeup`; cancel pauses
-every connection of the proxy (proxy/pause.py), whose timer wakes each held layer.
+every connection of the proxy (proxy/pause.py), whose timer wakes each held layer. While a
+connection is held it keeps reading until its backlog holds `BACKLOG_LIMIT` bytes, then
+stops reading until the hold ends.
+
+The layer only decides: every effect on the sockets is a command, carried out in the order
+it is yielded by the connection's executor (relay_io.py), on mitmproxy's path and on the
+fast path alike. Commands the executor does not know (opening the upstream, mitmproxy's
+hooks) go to mitmproxy as usual.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from .fast_relay import FastRelay
 from .faults import ConnectionState as RuleState
 from .faults import Decision, Verdict
 from .recorder import RecorderSlot
+from .relay_io import EXECUTED, RelayIO, ResetConnections, SetReading
 from .runtime import ProxyRuntime
 
 
@@ -39,6 +47,10 @@ class _Closed:
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
+
+
+BACKLOG_LIMIT = 256 * 1024
+"""Bytes a held connection reads ahead into its backlog before it stops reading."""
 
 
 class WirefaultLayer(layer.Layer):
@@ -60,17 +72,32 @@ class WirefaultLayer(layer.Layer):
         timer delivers its Wakeup (`release_from_pause`)."""
         self.blocked = False
         """Either hold is on: frames go to the backlog."""
+        self.backlog_bytes = 0
+        self.reading_stopped = False
+        """The backlog reached BACKLOG_LIMIT: reading waits for the hold to end."""
         self.start_pending = False
         """The connection started during a pause: it opens its upstream when released."""
         self.grace: commands.RequestWakeup | None = None
         self.dead = False
         self.relaying = False
         self.fast_relay: FastRelay | None = None
+        self.io: RelayIO | None = None
+        """The executor of this connection's commands; None when driven without sockets
+        (the sans-I/O tests), and then the commands are yielded to the caller."""
         self.flow = (
             tcp.TCPFlow(context.client, context.server, True) if runtime.make_flows else None
         )
 
     # -- lifecycle -------------------------------------------------------------------------
+
+    def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        """mitmproxy's entry point: what the executor carries out does not leave the layer."""
+        io = self.io
+        for command in super().handle_event(event):
+            if io is not None and isinstance(command, EXECUTED):
+                io.run(command)
+            else:
+                yield command
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         return self.start(event)
@@ -79,6 +106,7 @@ class WirefaultLayer(layer.Layer):
         assert isinstance(event, events.Start)
         self._handle_event = self.relay  # type: ignore[method-assign]
         self.relaying = True
+        self.io = self.runtime.new_io(self)
         self.runtime.pause.join(self)
         if self.pause_token:  # a pause is on: not into the relay until it ends
             self.start_pending = True
@@ -104,16 +132,16 @@ class WirefaultLayer(layer.Layer):
             self._take_fast_path()
 
     def _take_fast_path(self) -> None:
-        taken = self.runtime.take_over(self.context.client.id)
-        if taken is None:
+        edge = self.runtime.edge
+        transports = edge.take_over(self.context.client.id) if edge and self.io else None
+        if transports is None:
             return
-        transports, on_activity, release = taken
+        assert self.io is not None
         self.fast_relay = FastRelay(
-            self.handle_event, self.relay_read, self.context.client, transports,
-            on_activity, release)
+            self.handle_event, self.relay_read, self.context.client, transports, self.io)
         self.fast_relay.start()
-        if self.blocked:
-            self.fast_relay.set_reading(False)
+        if self.reading_stopped:
+            self.io.set_reading(False)
 
     def done(self, event: events.Event) -> layer.CommandGenerator[None]:
         yield from ()
@@ -130,23 +158,16 @@ class WirefaultLayer(layer.Layer):
             return
         self.pause_token = commands.RequestWakeup(0)
         self.blocked = True
-        self._set_reading(False)
 
     def release_from_pause(self) -> None:
         token = self.pause_token
         if token is None:
             return
         event = events.Wakeup(token)
-        if self.fast_relay:
-            self.fast_relay.deliver(event)
-        elif not self.runtime.deliver_event(self.context.client.id, event):
-            self.pause_token = None  # the connection is gone
-
-    def _set_reading(self, reading: bool) -> None:
-        if self.fast_relay:
-            self.fast_relay.set_reading(reading)
+        if self.io is not None:
+            self.io.deliver(event)
         else:
-            self.runtime.set_reading(self.context.client.id, reading)
+            self.runtime.deliver_event(self.context.client.id, event)
 
     def relay(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, events.DataReceived):
@@ -164,7 +185,6 @@ class WirefaultLayer(layer.Layer):
                 yield from self._unblocked()
             elif event.command is self.pause_token:
                 self.pause_token = None
-                self._set_reading(True)
                 yield from self._unblocked()
             elif event.command is self.grace:
                 yield from self._close_all()
@@ -197,10 +217,18 @@ class WirefaultLayer(layer.Layer):
         carried = framer.buffered
         batch = framer.feed_batch(data)
         if self.blocked or self.backlog:
-            self.backlog.extend(batch)
-            return b""
+            return self._hold_back(batch, len(data))
         whole = data if carried == 0 and framer.buffered == 0 else None
         return self._judge(batch, from_client, whole)
+
+    def _hold_back(self, batch: FrameBatch, size: int) -> list[commands.Command]:
+        """A read while held: into the backlog; past the limit, stop reading."""
+        self.backlog.extend(batch)
+        self.backlog_bytes += size
+        if self.backlog_bytes > BACKLOG_LIMIT and not self.reading_stopped:
+            self.reading_stopped = True
+            return [SetReading(False)]
+        return []
 
     def _judge(
         self, batch: FrameBatch, from_client: bool, whole_read: bytes | None
@@ -254,6 +282,10 @@ class WirefaultLayer(layer.Layer):
         if self.hold or self.pause_token or self.dead:
             return
         self.blocked = False
+        self.backlog_bytes = 0
+        if self.reading_stopped:
+            self.reading_stopped = False
+            yield SetReading(True)
         if self.start_pending:
             self.start_pending = False
             yield from self._open()
@@ -310,10 +342,11 @@ class WirefaultLayer(layer.Layer):
             yield self.grace
 
     def _reset(self) -> layer.CommandGenerator[None]:
+        """RST both sides, after the frames before the trigger (the executor sees to it)."""
         self.dead = True
         self.backlog.clear()
         self.held_frame = None
-        self.runtime.abort_with_rst(self.context.client.id)
+        yield ResetConnections()
         yield from self._close_all()
 
     def _close_all(self) -> layer.CommandGenerator[None]:

@@ -1,29 +1,22 @@
-"""The one place wirefault reaches into mitmproxy's internals: its sockets.
+"""The one place wirefault reaches into mitmproxy's internals: its connection handlers.
 
-mitmproxy's public API can close a connection (FIN) but not abort it. To send an RST we find
-the connection handler the proxyserver addon keeps per client, take the asyncio transports it
-holds for each side, set SO_LINGER to zero and abort them. The fast path (fast_relay.py)
-takes the same transports over for an established connection. `check_compatible()` verifies that
-the internals this relies on are still shaped as expected; a test calls it so an upgrade that
+wirefault's executor (relay_io.py) writes, closes and resets a connection's sockets itself,
+on both of the paths a connection may take, so it needs the asyncio transport of each side,
+a way to hand an event to the layer on mitmproxy's path, and a way to end mitmproxy's
+reader task of a side that is closed for good. The fast path (fast_relay.py) takes the same
+transports over for an established connection. `check_compatible()` verifies that the
+internals this relies on are still shaped as expected; a test calls it so an upgrade that
 changes them fails loudly.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import socket
-import struct
 from collections.abc import Callable
 from typing import Any
 
-logger = logging.getLogger(__name__)
-
-_LINGER_ZERO = struct.pack("ii", 1, 0)
-
 
 def check_compatible() -> None:
-    """Raise RuntimeError if mitmproxy's internals differ from what abort_with_rst needs."""
+    """Raise RuntimeError if mitmproxy's internals differ from what this module needs."""
     from mitmproxy.addons.proxyserver import Proxyserver
     from mitmproxy.proxy.server import ConnectionHandler, ConnectionIO
 
@@ -38,74 +31,56 @@ def check_compatible() -> None:
         problems.append("ConnectionHandler.timeout_watchdog is gone")
     if not callable(getattr(ConnectionHandler, "server_event", None)):
         problems.append("ConnectionHandler.server_event is gone")
+    if "handler" not in getattr(ConnectionIO, "__annotations__", {}):
+        problems.append("ConnectionIO.handler is gone")
+    from mitmproxy.proxy.server import TimeoutWatchdog
+
+    if "timeout" not in TimeoutWatchdog.__annotations__:
+        problems.append("TimeoutWatchdog.timeout is gone")
     from mitmproxy.proxy.mode_servers import ServerInstance
 
     if "last_exception" not in ServerInstance.__annotations__:
         problems.append("ServerInstance.last_exception is gone")
+    problems += _layer_choice_problems()
     if problems:
         raise RuntimeError("mitmproxy internals changed: " + "; ".join(problems))
 
 
-def abort_with_rst(proxyserver: Any, client_id: str) -> bool:
-    """Abort both sockets of the connection whose client has `client_id`, with an RST.
-
-    Returns False when the connection is unknown (already gone)."""
-    handler = proxyserver.connections.get(client_id)
-    if handler is None:
-        return False
-    for io in list(handler.transports.values()):
-        writer = io.writer
-        if writer is None:
-            continue
-        sock = writer.get_extra_info("socket")
-        try:
-            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
-        except OSError as exc:
-            logger.debug("SO_LINGER failed: %s", exc)
-        transport = getattr(writer, "transport", None)
-        if transport is not None:
-            transport.abort()
-        else:
-            writer.close()
-    return True
-
-
-def take_over_transports(
-    proxyserver: Any, client_id: str
-) -> tuple[dict[Any, Any], Callable[[], None], Callable[[], None]] | None:
-    """Hand the asyncio transports of an established connection to wirefault's fast path.
-
-    Returns (transports by mitmproxy Connection, on_activity, release) or None when the
-    connection does not fit (unknown, not plain TCP, or not fully open). `release()` must be
-    called once both sides are closed: it ends mitmproxy's own reader tasks so that mitmproxy
-    cleans up the connection as usual.
-    """
+def take_over_transports(proxyserver: Any, client_id: str) -> dict[Any, Any] | None:
+    """The asyncio transports of an established connection, for wirefault's fast path to
+    read itself: by mitmproxy Connection, or None when the connection does not fit
+    (unknown, not plain TCP, or not fully open). mitmproxy's reader tasks are left waiting;
+    `MitmEdge.end_reader` ends each once its side is closed."""
     handler = proxyserver.connections.get(client_id)
     if handler is None:
         return None
     transports: dict[Any, Any] = {}
-    originals: list[Any] = []
     for connection, io in handler.transports.items():
-        writer = io.writer
-        transport = getattr(writer, "transport", None)
+        transport = getattr(io.writer, "transport", None)
         if transport is None or not hasattr(transport, "set_protocol"):
             return None
         if connection.transport_protocol != "tcp" or transport.is_closing():
             return None
         transports[connection] = transport
-        originals.append(transport.get_protocol())
     if len(transports) != 2:
         return None
-    watchdog = handler.timeout_watchdog
+    for io in handler.transports.values():
+        _stop_flow_control(io.reader)
+    return transports
 
-    def release() -> None:
-        # mitmproxy's reader tasks still wait on their stream readers: end them.
-        for protocol in originals:
-            with contextlib.suppress(Exception):
-                protocol.eof_received()
 
-    return transports, watchdog.register_activity, release
+def keep_paused(transport: Any) -> None:
+    """Make a pause_reading() of ours stick on mitmproxy's path: the transport's stream
+    reader would otherwise resume reading once its own buffer drains."""
+    _stop_flow_control(getattr(transport.get_protocol(), "_stream_reader", None))
+
+
+def _stop_flow_control(reader: Any) -> None:
+    """An asyncio StreamReader resumes its transport's reading when its buffer drains if it
+    paused it itself (`_paused`): forget that it did, so it never resumes a transport that
+    wirefault paused (or, after the fast path took the socket over, reads itself)."""
+    if reader is not None and getattr(reader, "_paused", False):
+        reader._paused = False
 
 
 def listen_failures(proxyserver: Any) -> list[tuple[str, OSError | Exception]]:
@@ -113,6 +88,11 @@ def listen_failures(proxyserver: Any) -> list[tuple[str, OSError | Exception]]:
     return [(instance.mode.description, instance.last_exception)
             for instance in proxyserver.servers
             if not instance.is_running and instance.last_exception is not None]
+
+
+def handler_count(proxyserver: Any) -> int:
+    """mitmproxy's live connection handlers (one per client connection)."""
+    return len(proxyserver.connections)
 
 
 def deliver_event(proxyserver: Any, client_id: str, event: Any) -> bool:
@@ -135,26 +115,114 @@ def deliver_event(proxyserver: Any, client_id: str, event: Any) -> bool:
 _deliveries: set[Any] = set()
 
 
-def set_reading(proxyserver: Any, client_id: str, reading: bool) -> None:
-    """Pause or resume reading both sockets of a connection on mitmproxy's path."""
-    handler = proxyserver.connections.get(client_id)
-    if handler is None:
+def is_raw_tcp_reverse_start(nextlayer: Any, bare_is_tcp: bool) -> bool:
+    """True when this is the first layer decision of a TCP connection under a reverse proxy
+    that relays raw TCP: `reverse:tcp://...`, or a target without a scheme
+    (`reverse:HOST:PORT`, which mitmproxy reads as https) when `bare_is_tcp`.
+
+    It holds whether or not mitmproxy's own chooser already decided (it runs first in the
+    runner), and whatever the client sent first, a TLS ClientHello included."""
+    from mitmproxy.proxy.mode_specs import ReverseMode
+
+    client = nextlayer.context.client
+    spec = client.proxy_mode
+    if client.transport_protocol != "tcp" or not isinstance(spec, ReverseMode):
+        return False
+    raw_tcp = spec.scheme == "tcp" or (bare_is_tcp and "://" not in spec.data)
+    return raw_tcp and _reverse_proxy_index(nextlayer) is not None
+
+
+def discard_layer_choice(nextlayer: Any) -> None:
+    """Forget the layers a chooser set for this first decision under a reverse proxy, before
+    they saw any event. Building them had two effects, undone here: each joined the
+    context's layer stack, and a TLS layer marked its connection as TLS (`conn.tls`; at a
+    reverse proxy's start neither side is yet)."""
+    index = _reverse_proxy_index(nextlayer)
+    if nextlayer.layer is None or index is None:
         return
-    for io in list(handler.transports.values()):
-        transport = getattr(io.writer, "transport", None)
-        if transport is None or transport.is_closing():
-            continue
-        with contextlib.suppress(Exception):  # a socket closing under us: nothing to pause
-            if reading:
-                transport.resume_reading()
-            else:
-                transport.pause_reading()
+    context = nextlayer.context
+    del context.layers[index + 1:]
+    context.client.tls = context.server.tls = False
+    nextlayer.layer = None
 
 
-def is_reverse_proxy_start(context: Any) -> bool:
-    """True when a TCP connection's next layer is the first one under mitmproxy's reverse
-    proxy mode layer (where mitmproxy would choose TLS or TCP from the mode's scheme)."""
+def _reverse_proxy_index(nextlayer: Any) -> int | None:
+    """Where the reverse proxy layer whose first decision `nextlayer` is sits in the layer
+    stack (anything after it was built by a chooser for this decision); None if none."""
     from mitmproxy.proxy.layers import modes
 
-    return (context.client.transport_protocol == "tcp" and bool(context.layers)
-            and isinstance(context.layers[-1], modes.ReverseProxy))
+    for index, layer in enumerate(nextlayer.context.layers):
+        if isinstance(layer, modes.ReverseProxy) and \
+                getattr(layer, "child_layer", None) is nextlayer:
+            return index
+    return None
+
+
+def _layer_choice_problems() -> list[str]:
+    """What `is_raw_tcp_reverse_start` and `discard_layer_choice` rely on, if it moved."""
+    from mitmproxy.connection import Connection
+    from mitmproxy.proxy.context import Context
+    from mitmproxy.proxy.layers import modes
+    from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
+
+    problems = []
+    if "child_layer" not in modes.DestinationKnown.__annotations__ or \
+            not issubclass(modes.ReverseProxy, modes.DestinationKnown):
+        problems.append("ReverseProxy.child_layer is gone")
+    if "scheme" not in ReverseMode.__annotations__ or "data" not in ProxyMode.__annotations__:
+        problems.append("ReverseMode.scheme or ProxyMode.data is gone")
+    if "tls" not in Connection.__annotations__:
+        problems.append("Connection.tls is gone")
+    if "layers" not in Context.__annotations__:
+        problems.append("Context.layers is gone")
+    return problems
+
+
+_NEVER = 10**9
+"""Seconds: an idle timeout no connection reaches (about 31 years)."""
+
+
+async def _nothing() -> None:
+    return None
+
+
+class MitmEdge:
+    """What wirefault's executor (relay_io.py) needs from mitmproxy, for one proxy."""
+
+    def __init__(self, proxyserver: Callable[[], Any]) -> None:
+        self._proxyserver = proxyserver
+
+    def _handler(self, client_id: str) -> Any:
+        return self._proxyserver().connections.get(client_id)
+
+    def transport_of(self, client_id: str, connection: Any) -> Any:
+        """The asyncio transport of one side, None before it is open or after it is gone."""
+        handler = self._handler(client_id)
+        io = handler.transports.get(connection) if handler is not None else None
+        return getattr(io.writer, "transport", None) if io is not None else None
+
+    def deliver(self, client_id: str, event: Any) -> None:
+        deliver_event(self._proxyserver(), client_id, event)
+
+    def end_reader(self, client_id: str, connection: Any) -> None:
+        """A side is closed for good: end mitmproxy's reader task for it, which would wait
+        for a cancellation (after an EOF) or for data that never comes (on the fast path),
+        so that mitmproxy cleans the connection up at once."""
+        handler = self._handler(client_id)
+        io = handler.transports.get(connection) if handler is not None else None
+        task = io.handler if io is not None else None
+        if task is not None and not task.done():
+            task.cancel("closed by wirefault")
+
+    def disable_idle_timeout(self, client_id: str) -> None:
+        """Stop mitmproxy's 600 s inactivity watchdog for this connection: a fault proxy
+        adds no timeout nobody asked for (wirefault has its own, --idle-timeout)."""
+        handler = self._handler(client_id)
+        if handler is not None:
+            watchdog = handler.timeout_watchdog
+            # Its watch loop may be asleep already: whenever it wakes, it finds nothing to do.
+            watchdog.callback = _nothing
+            watchdog.timeout = _NEVER
+
+    def take_over(self, client_id: str) -> dict[Any, Any] | None:
+        return take_over_transports(self._proxyserver(), client_id)

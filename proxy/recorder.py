@@ -1,12 +1,18 @@
 """The recorder: every frame that crosses the proxy, in a bounded ring buffer.
 
-Rendering a frame decodes its fields, which is costly, so a small frame is kept as a flat
-tuple (connection number, direction, type name, bytes) and rendered only when dumped; a
-large one, or one without a message spec, is rendered (and truncated) at once so the buffer
-never pins large payloads. A run of small frames from one read (`FrameRun`) is kept as one
-row: its bytes with the type byte and end of each frame, split into frames only when dumped.
-Rows are flat tuples of strings, bytes and numbers, which Python's garbage collector stops
-tracking, so a full ring costs nothing per collection.
+Nothing is rendered while frames are recorded: rendering decodes fields and turns binary
+values into text, which costs per byte, and a dump may never ask for it. A small frame is
+kept as a flat tuple (connection number, direction, type name, bytes) and rendered only when
+dumped. A large one is kept as a bounded copy of its fields instead (`cut_fields`: every
+value, nested ones included, already cut to what a dump shows), so the buffer never pins a
+large payload; a large frame of a payload message (CopyData) is cut without being decoded. A
+run of small frames from one read (`FrameRun`) is kept as one row: its bytes with the type
+byte and end of each frame, split into frames only when dumped. Rows are tuples of strings,
+bytes and numbers, which Python's garbage collector stops tracking, so a full ring costs
+nothing per collection.
+
+The ring is bounded twice: by frames (`limit`) and by an estimate of the bytes its rows hold
+(`max_bytes`); the oldest rows go first when either is reached.
 """
 
 from __future__ import annotations
@@ -16,17 +22,29 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from wirefault.protocols import Frame, FrameBatch, FrameRun, MessageSpec, TypeTable
-from wirefault.protocols.base import render_payload
+from wirefault.protocols.base import Limits, cut_fields, cut_payload, render_cut
 from wirefault.protocols.batch import frames_of
 
 DEFAULT_LIMIT = 100_000
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+"""The ring's default bound in bytes: the default `limit` of frames of a few hundred bytes
+(pgbench traffic, COPY rows) fits well within it; rows of kilobytes reach it first."""
 DEFAULT_CLIENT_LABEL = "coordinator"
 DEFAULT_SERVER_LABEL = "worker"
 KEEP_FRAME_BYTES = 2048
 """Frames up to this size are kept whole and rendered lazily."""
 MAX_RENDERED_CHARS = 4096
+"""A text value is shown up to this many characters."""
 MAX_RENDERED_BYTES = 256
-"""Bytes fields of large frames (payloads) are shown up to this many bytes."""
+"""A bytes value is shown up to this many bytes."""
+MAX_RENDERED_ITEMS = 100
+"""A list or map is shown up to this many items."""
+LIMITS = Limits(chars=MAX_RENDERED_CHARS, bytes=MAX_RENDERED_BYTES, items=MAX_RENDERED_ITEMS)
+ROW_BYTES = 120
+"""What a row costs besides what it keeps: its tuple, its slot in the chunk, the header of
+the bytes object it holds (counted towards `max_bytes`)."""
+RUN_BYTES = 200
+"""The same for a run's row, whose payload is a tuple of three bytes objects."""
 SKIPPED_TYPES = frozenset({"Terminate"})
 """Left out: they arrive at unpredictable times and make dumps flaky."""
 
@@ -42,8 +60,8 @@ def copy_escape(text: str) -> str:
 
 
 def render_frame(frame: Frame) -> str:
-    """The frame's readable form, each field cut to the recorder's limits."""
-    return frame.render(MAX_RENDERED_CHARS, MAX_RENDERED_BYTES)
+    """The frame's readable form, each value cut to the recorder's limits."""
+    return frame.render(LIMITS)
 
 
 @dataclass(slots=True)
@@ -56,9 +74,10 @@ class RecorderSlot:
 
 Row = tuple[int, bool, object, object]
 """(connection number, from_client, key, payload), by key:
-- a type name: payload is the frame's bytes, or for a large frame of a payload message
-  (`MessageSpec.payload_offset`) the start of its payload and the payload's size;
-- None: payload is the frame already rendered;
+- a type name: payload is the frame's bytes, or for a large frame a tuple, the bounded copy
+  of its fields (`cut_fields`);
+- None: payload is the frame already rendered (a frame without fields: `Opaque(length=N)`,
+  `ProtocolError(error=...)`);
 - an int: a run; the key is its `TypeTable.index` and payload is
   (bytes, their offset in the read, start of the first frame, types, ends) (see `FrameRun`).
 """
@@ -71,10 +90,12 @@ class Recorder:
         client_label: str = DEFAULT_CLIENT_LABEL,
         server_label: str = DEFAULT_SERVER_LABEL,
         messages: Mapping[str, MessageSpec] | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         if limit < 1:
             raise ValueError("the recorder keeps at least one frame")
         self.limit = limit
+        self.max_bytes = max_bytes
         self.messages = messages or {}
         self.client_label = client_label
         self.server_label = server_label
@@ -83,17 +104,36 @@ class Recorder:
         whole once the others hold `limit` frames, so forgetting costs nothing per row."""
         self._chunks: deque[tuple[list[Row], int]] = deque()
         """Full chunks, oldest first, with their frame counts."""
+        self._chunk_sizes: deque[int] = deque()
+        """The bytes of each of `_chunks`."""
         self._rows: list[Row] = []
         """The chunk being filled."""
         self._rows_frames = 0
+        self._rows_bytes = 0
         self._held = 0
         """Frames in every chunk: `limit` to `limit` + a chunk once full; a dump shows the
         newest `limit` of them."""
+        self._held_bytes = 0
+        """Bytes of every chunk: under `max_bytes` + a chunk."""
         self._count = 0
-        """Frames recorded since the last dump or reset; those beyond `limit` were dropped."""
+        """Frames recorded since the last dump or reset; those not shown were dropped."""
+        self._bytes_dropped = False
+        """Whether `max_bytes` dropped rows since the last dump or reset."""
         self._epoch = 0
         self._next_number = 0
-        self._payload_specs: dict[str, MessageSpec] = {}
+
+    @property
+    def max_bytes(self) -> int:
+        """The bound in bytes: once full chunks hold this many, the oldest go."""
+        return self._max_bytes
+
+    @max_bytes.setter
+    def max_bytes(self, max_bytes: int) -> None:
+        if max_bytes < 1:
+            raise ValueError("the recorder keeps at least one byte")
+        self._max_bytes = max_bytes
+        self._chunk_bytes = max(max_bytes // 8, 1)
+        """A chunk is also closed once its rows hold this many bytes."""
 
     def __len__(self) -> int:
         return min(self._held + self._rows_frames, self.limit)
@@ -107,7 +147,7 @@ class Recorder:
 
     def record(self, slot: RecorderSlot, frame: Frame) -> None:
         self._add_frame(self._number(slot), frame)
-        if self._rows_frames >= self._chunk_frames:
+        if self._rows_frames >= self._chunk_frames or self._rows_bytes >= self._chunk_bytes:
             self._close_chunk()
 
     def record_batch(self, slot: RecorderSlot, batch: FrameBatch) -> None:
@@ -119,7 +159,7 @@ class Recorder:
                     self._add_run_frames(number, segment)
             else:
                 self._add_frame(number, segment)  # type: ignore[arg-type]
-        if self._rows_frames >= self._chunk_frames:
+        if self._rows_frames >= self._chunk_frames or self._rows_bytes >= self._chunk_bytes:
             self._close_chunk()
 
     def _add_frame(self, number: int, frame: Frame) -> None:
@@ -146,16 +186,25 @@ class Recorder:
         if spec is not None and end - start <= KEEP_FRAME_BYTES:
             whole = data if start == 0 and end == len(data) else data[start:end]
             self._rows.append((number, from_client, type_name, whole))
-        elif spec is not None and spec.payload_offset is not None:
-            # rendering keeps only the start of the payload: keep that and the size
+            self._rows_bytes += end - start + ROW_BYTES
+            return
+        if spec is None:  # no fields (Opaque, ProtocolError): rendering it costs nothing
+            assert frame is not None  # such frames are never part of a run
+            rendered = render_frame(frame)
+            self._rows.append((number, from_client, None, rendered))
+            self._rows_bytes += len(rendered) + ROW_BYTES
+            return
+        if spec.payload_offset is not None:
+            # a dump shows only the start of the payload: cut that, without decoding
             first = start + spec.payload_offset
-            self._payload_specs[type_name] = spec
-            self._rows.append((number, from_client, type_name,
-                               (data[first:first + MAX_RENDERED_BYTES], end - first)))
+            cut, size = cut_payload(spec, data[first:first + MAX_RENDERED_BYTES], end - first,
+                                    LIMITS)
         else:
             if frame is None:
                 frame = Frame(type_name, data[start:end], (start, end), from_client, spec)
-            self._rows.append((number, from_client, None, render_frame(frame)))
+            cut, size = cut_fields(frame.fields_once(), LIMITS)
+        self._rows.append((number, from_client, type_name, cut))
+        self._rows_bytes += size + ROW_BYTES
 
     def _add_run(self, number: int, run: FrameRun) -> bool:
         """Keeps `run` as one row; False when its frames must be kept one by one (large
@@ -178,15 +227,26 @@ class Recorder:
                            (blob, base, start, run.types, run.ends)))
         self._count += count
         self._rows_frames += count
+        self._rows_bytes += len(blob) + 9 * count + RUN_BYTES  # blob, types, int64 ends
         return True
 
     def _close_chunk(self) -> None:
         self._chunks.append((self._rows, self._rows_frames))
+        self._chunk_sizes.append(self._rows_bytes)
         self._held += self._rows_frames
-        self._rows, self._rows_frames = [], 0
-        chunks = self._chunks
-        while self._held - chunks[0][1] >= self.limit:
-            self._held -= chunks.popleft()[1]
+        self._held_bytes += self._rows_bytes
+        self._rows, self._rows_frames, self._rows_bytes = [], 0, 0
+        chunks, sizes = self._chunks, self._chunk_sizes
+        while True:  # drop the oldest chunk while the others still reach a bound
+            frames, size = chunks[0][1], sizes[0]
+            if self._held_bytes - size >= self._max_bytes:
+                self._bytes_dropped = True
+            elif self._held - frames < self.limit:
+                return
+            chunks.popleft()
+            sizes.popleft()
+            self._held -= frames
+            self._held_bytes -= size
 
     def reset(self) -> None:
         """Forget everything and restart connection numbers at 0."""
@@ -196,17 +256,20 @@ class Recorder:
 
     def _clear(self) -> None:
         self._chunks.clear()
+        self._chunk_sizes.clear()
         self._rows = []
         self._held = self._rows_frames = self._count = 0
+        self._held_bytes = self._rows_bytes = 0
+        self._bytes_dropped = False
 
     def dump(self) -> str:
         """COPY text rows `conn<TAB>source<TAB>message` since the last dump or reset, cleared."""
         lines = []
         dropped = self._count - len(self)
         if dropped:
-            lines.append(
-                f"-1\trecorder\t{dropped} frames dropped (ring buffer limit {self.limit})"
-            )
+            bound = f"{self.limit} frames or {self._max_bytes} bytes" if self._bytes_dropped \
+                else str(self.limit)
+            lines.append(f"-1\trecorder\t{dropped} frames dropped (ring buffer limit {bound})")
         for number, from_client, message in self._messages():
             source = self.client_label if from_client else self.server_label
             lines.append(f"{number}\t{source}\t{copy_escape(message)}")
@@ -235,10 +298,7 @@ class Recorder:
                 if key is None:
                     yield number, from_client, payload  # type: ignore[misc]
                 elif type(payload) is tuple:
-                    head, size = payload
-                    yield number, from_client, render_payload(
-                        self._payload_specs[key], head, size,  # type: ignore[index]
-                        MAX_RENDERED_CHARS, MAX_RENDERED_BYTES)
+                    yield number, from_client, render_cut(key, payload)  # type: ignore[arg-type]
                 else:
                     data: bytes = payload  # type: ignore[assignment]
                     frame = Frame(key, data, (0, len(data)), from_client,  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from wirefault.protocols import Frame, FrameBatch, FrameRun, ProtocolSpec
 
 from . import dsl, faults
-from .faults import FORWARD, KILL, ConnectionState, Decision, Fault, SharedState
+from .faults import FORWARD, KILL, ConnectionState, Decision, Fault, SharedState, Verdict
 from .faults.cancel import protected_pids
 
 DEFAULT_RULE = "conn.allow()"
@@ -155,6 +155,7 @@ class RuleEngine:
             conn.generation = rule.generation
             conn.after_counts = [0] * rule.after_nodes
         if rule.shared.killall_fired:
+            rule.shared.fired += 1
             return KILL
         for kind, a, b in rule.steps:
             if kind == _FILTER:
@@ -173,4 +174,7 @@ class RuleEngine:
                 if counts[a] < b:  # type: ignore[index,operator]
                     counts[a] += 1  # type: ignore[index]
                     return FORWARD
-        return rule.fault.decide(frame, conn, rule.shared)
+        decision = rule.fault.decide(frame, conn, rule.shared)
+        if decision.verdict is not Verdict.FORWARD:
+            rule.shared.fired += 1
+        return decision

@@ -16,7 +16,12 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from .recorder import DEFAULT_CLIENT_LABEL, DEFAULT_LIMIT, DEFAULT_SERVER_LABEL
+from .recorder import (
+    DEFAULT_CLIENT_LABEL,
+    DEFAULT_LIMIT,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_SERVER_LABEL,
+)
 from .rules import DEFAULT_RULE
 from .runtime import DEFAULT_KILL_GRACE, DEFAULT_REPLY_TIMEOUT
 
@@ -122,12 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long a FIFO client may take to read its reply")
     parser.add_argument("--kill-grace", type=_seconds, default=DEFAULT_KILL_GRACE,
                         metavar="SECONDS")
+    parser.add_argument("--idle-timeout", type=_seconds, default=0, metavar="SECONDS",
+                        help="close a connection after this long without traffic "
+                             "(default 0: never)")
     parser.add_argument("--max-frame", type=_count(0), default=0, metavar="BYTES",
                         help="largest frame accepted before the direction turns opaque "
                              "(default: the protocol's own, 1 GiB for postgres, 64 MiB for "
                              "wallaroo)")
     parser.add_argument("--recorder-limit", type=_count(1), default=DEFAULT_LIMIT,
                         metavar="FRAMES")
+    parser.add_argument("--recorder-max-bytes", type=_count(1), default=DEFAULT_MAX_BYTES,
+                        metavar="BYTES", help="bytes the recorder's rows may hold (default 64 MiB)")
     parser.add_argument("--source-labels", metavar="CLIENT,SERVER", type=_labels,
                         default=f"{DEFAULT_CLIENT_LABEL},{DEFAULT_SERVER_LABEL}")
     parser.add_argument("--flows", action="store_true",
@@ -142,9 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
 OPTION_FLAGS = {
     "slug": "--rule", "protocol": "--protocol", "fifo": "--fifo", "kill_grace": "--kill-grace",
     "fifo_reply_timeout": "--fifo-reply-timeout", "recorder_limit": "--recorder-limit",
+    "recorder_max_bytes": "--recorder-max-bytes",
     "max_frame": "--max-frame", "source_labels": "--source-labels", "listen_port": "--listen",
     "listen_host": "--listen", "mode": "--upstream", "fifo_mode": "--fifo-mode",
-    "fifo_group": "--fifo-group",
+    "fifo_group": "--fifo-group", "idle_timeout": "--idle-timeout",
 }
 """The CLI flag behind each mitmproxy option the runner sets, for error messages."""
 
@@ -153,6 +164,8 @@ async def serve(args: argparse.Namespace) -> int:
     from mitmproxy import options
     from mitmproxy.addons import next_layer, proxyserver
     from mitmproxy.master import Master
+
+    from wirefault import protocols
 
     from .addon import WirefaultAddon
     from .startup import STARTUP_FAILED, StartupCheck
@@ -169,15 +182,21 @@ async def serve(args: argparse.Namespace) -> int:
             mode=[f"reverse:tcp://{up_host}:{up_port}"],
             listen_host=listen_host,
             listen_port=listen_port,
-            connection_strategy="lazy",
+            # Lazy: the upstream is opened with the client's first bytes (mitmproxy's
+            # reverse proxy decides its layer only then). Right when the client speaks first;
+            # a protocol whose server may greet first needs it open at once.
+            connection_strategy="lazy" if protocols.get(args.protocol).client_speaks_first
+            else "eager",
             fifo=args.fifo,
             slug=args.rule,
             protocol=args.protocol,
             kill_grace=str(args.kill_grace),
+            idle_timeout=str(args.idle_timeout),
             fifo_reply_timeout=str(args.fifo_reply_timeout),
             fifo_mode=args.fifo_mode,
             fifo_group=args.fifo_group,
             recorder_limit=args.recorder_limit,
+            recorder_max_bytes=args.recorder_max_bytes,
             max_frame=args.max_frame,
             source_labels=args.source_labels,
             wirefault_flows=args.flows,

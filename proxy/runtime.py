@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wirefault.protocols import ProtocolSpec
 
@@ -12,26 +12,19 @@ from .pause import ProxyPause
 from .recorder import Recorder
 from .rules import RuleEngine
 
+if TYPE_CHECKING:
+    from .layer import WirefaultLayer
+    from .mitm_internals import MitmEdge
+    from .relay_io import RelayIO
+
 DEFAULT_KILL_GRACE = 2.0
 DEFAULT_REPLY_TIMEOUT = 10.0
 """Seconds a FIFO client may take to read its reply."""
 DEFAULT_FLOW_MESSAGES = 100
 
 
-def _no_reset(client_id: str) -> bool:
-    return False
-
-
-def _no_take_over(client_id: str) -> None:
-    return None
-
-
 def _no_delivery(client_id: str, event: Any) -> bool:
     return False
-
-
-def _no_reading_switch(client_id: str, reading: bool) -> None:
-    return None
 
 
 @dataclass
@@ -45,18 +38,36 @@ class ProxyRuntime:
     make_flows: bool = False
     """Create mitmproxy flows and fire tcp_* hooks (slow; for watching in mitmproxy's tools)."""
     max_flow_messages: int = DEFAULT_FLOW_MESSAGES
-    abort_with_rst: Callable[[str], bool] = field(default=_no_reset)
-    """Aborts every socket of the client connection with this id with an RST."""
     fast_path: bool = True
     """Relay established connections straight from their transports (see fast_relay.py)."""
-    take_over: Callable[[str], Any] = field(default=_no_take_over)
-    """Hands an established connection's transports to the fast path (mitm_internals)."""
+    idle_timeout: float | None = None
+    """Close a connection after this many seconds without a read (None: never)."""
+    edge: MitmEdge | None = None
+    """mitmproxy's side of each connection (mitm_internals); None when layers are driven
+    without sockets (tests): their commands are then yielded, not carried out."""
     deliver_event: Callable[[str, Any], bool] = field(default=_no_delivery)
-    """Feeds an event to the layer of a connection on mitmproxy's path (mitm_internals)."""
-    set_reading: Callable[[str, bool], None] = field(default=_no_reading_switch)
-    """Pauses or resumes reading a connection on mitmproxy's path (mitm_internals)."""
+    """How an event reaches a layer that has no executor (tests drive it)."""
     pause: ProxyPause = field(default_factory=ProxyPause)
     """cancel(pid)'s proxy-wide pause, and the registry of live connections it needs."""
+
+    def new_io(self, layer: WirefaultLayer) -> RelayIO | None:
+        """The executor of a new connection's commands, on mitmproxy's path to start with
+        (the fast path takes its reading over later)."""
+        edge = self.edge
+        if edge is None:
+            return None
+        from .relay_io import RelayIO
+
+        client_id = layer.context.client.id
+        edge.disable_idle_timeout(client_id)
+        return RelayIO(
+            layer.context.client, layer.context.server,
+            transport_of=lambda connection: edge.transport_of(client_id, connection),
+            deliver=lambda event: edge.deliver(client_id, event),
+            on_side_closed=lambda connection: edge.end_reader(client_id, connection),
+            reset_grace=self.kill_grace,
+            idle_timeout=self.idle_timeout,
+        )
 
     @classmethod
     def create(cls, protocol: ProtocolSpec, rule: str | None = None, **options) -> ProxyRuntime:

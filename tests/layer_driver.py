@@ -23,8 +23,6 @@ class PauseClock:
         self.delivered: dict[str, list[commands.Command]] = {}
         runtime.pause.call_later = self.call_later
         runtime.deliver_event = self.deliver
-        runtime.set_reading = self.set_reading
-        self.reading: dict[str, bool] = {}
 
     def call_later(self, delay: float, callback) -> None:
         self.timers.append((delay, callback))
@@ -32,9 +30,6 @@ class PauseClock:
     def deliver(self, client_id: str, event: events.Event) -> bool:
         self.delivered.setdefault(client_id, []).extend(self.drivers[client_id].send(event))
         return True
-
-    def set_reading(self, client_id: str, reading: bool) -> None:
-        self.reading[client_id] = reading
 
     def fire(self) -> dict[str, list[commands.Command]]:
         """Run the timers due; the commands each connection answered with, by client id."""
@@ -57,8 +52,6 @@ class LayerDriver:
         if clock is None:
             clock = self.runtime.test_clock = PauseClock(self.runtime)
         self.clock: PauseClock = clock
-        self.resets: list[str] = []
-        self.runtime.abort_with_rst = self._record_reset
         client = tflow.tclient_conn()
         server = tflow.tserver_conn()
         client.state = ConnectionState.OPEN
@@ -68,10 +61,6 @@ class LayerDriver:
         self.layer = WirefaultLayer(self.context, self.runtime)
         clock.drivers[client.id] = self
         self.started = self.send(events.Start())
-
-    def _record_reset(self, client_id: str) -> bool:
-        self.resets.append(client_id)
-        return True
 
     @property
     def client(self):

@@ -72,6 +72,19 @@ class RunningProxy:
         return self.process.returncode
 
 
+OTHER_PROXY = "WIREFAULT_TEST_PROXY_PATH"
+"""A folder holding another checkout's `wirefault` package: the proxies the tests start run
+that code (the clients stay this checkout's), to show a regression test failing there."""
+
+
+def proxy_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    if env.get(OTHER_PROXY):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [env[OTHER_PROXY],
+                                                          env.get("PYTHONPATH")]))
+    return env
+
+
 def _command(kind: str, port: int, upstream_port: int, fifo: str, protocol: str,
              rule: str | None, extra_args: list[str], reply_timeout: float) -> list[str]:
     if kind == "runner":
@@ -93,7 +106,8 @@ def _command(kind: str, port: int, upstream_port: int, fifo: str, protocol: str,
                "--mode", f"reverse:tcp://127.0.0.1:{upstream_port}", "-s", str(MITMDUMP_SCRIPT),
                "--set", f"fifo={fifo}", "--set", f"protocol={protocol}",
                "--set", "flow_detail=0", "--set", "termlog_verbosity=warn",
-               "--set", "connection_strategy=lazy",
+               # as the runner does: lazy unless the server may speak first
+               "--set", f"connection_strategy={'eager' if protocol == 'raw' else 'lazy'}",
                "--set", f"fifo_reply_timeout={reply_timeout}"]
         if rule:
             cmd += ["--set", f"slug={rule}"]
@@ -123,7 +137,8 @@ def running_proxy(
             _command(kind, port, upstream_port, fifo, protocol, rule, extra_args or [],
                      reply_timeout),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, **({"user": user} if user else {}),
+            start_new_session=True, env=proxy_environment(),
+            **({"user": user} if user else {}),
         )
     proxy = RunningProxy(port, fifo, process, log_path, upstream_port)
     try:

@@ -1,8 +1,10 @@
 """`wirefault chaos`: scenario validation, the seeded schedule, output shapes and exit codes,
-the last against real proxies (raw protocol, in front of a small TCP echo server)."""
+the last against a real proxy (raw protocol, in front of a small TCP echo server). The
+`must_fire` runs and stdout going away are in test_chaos_must_fire.py."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import json
@@ -20,6 +22,8 @@ import pytest
 from proxy_helpers import RunningProxy, running_proxy
 
 from wirefault.fifo_client import FaultProxy, chaos
+
+WIREFAULT = Path(sys.executable).parent / "wirefault"
 
 RANDOM_SCENARIO = """\
 seed: {seed}
@@ -180,7 +184,7 @@ def test_dry_run_json_lines(tmp_path: Path) -> None:
     assert [event["t"] for event in events] == sorted(event["t"] for event in events)
     first = events[0]
     assert set(first) == {"event", "t", "proxy", "fault", "command", "planned", "disarm",
-                          "postponed", "cut"}
+                          "postponed", "cut", "must_fire"}
     lift = {"event": "disarmed", "t": first["disarm"], "proxy": first["proxy"],
             "fault": first["fault"], "command": "conn.allow()"}
     assert lift in events[1:]
@@ -205,7 +209,7 @@ faults:
 @pytest.mark.parametrize(("text", "line", "message"), [
     (BASE.replace("    every: 1", "    evry: 1"), 10,
      "faults[0].evry: unknown key (expected proxy, command, armed, name, every, "
-     "start_after, times); did you mean 'every'?"),
+     "start_after, times, must_fire); did you mean 'every'?"),
     (BASE.replace("    armed: 0.5\n", ""), 6, "faults[0].armed: missing required key"),
     (BASE.replace("armed: 0.5", "armed: soon"), 9,
      "faults[0].armed: expected a number of seconds, got 'soon'"),
@@ -235,10 +239,12 @@ faults:
      "faults[0].command: column 14: syntax error: '(' was never closed (protocol wallaroo)"),
     (BASE.replace("  p: {fifo: x.fifo, protocol: wallaroo}", "  p: {fifo: a}\n  p: {fifo: b}"), 5,
      "proxies.p: duplicate key"),
-    (BASE.replace("  p: {fifo:", "  p q: {fifo:"), 4,
+    (BASE.replace("  p: {fifo:", "  p q: {fifo:").replace("proxy: p\n", "proxy: p q\n"), 4,
      "proxies.p q: proxy names use letters, digits, '_', '.', '-'"),
     (BASE.replace("protocol: wallaroo", "protocol: mysql"), 4,
      "proxies.p.protocol: unknown protocol 'mysql'"),
+    (BASE.replace("protocol: wallaroo", "protocol: wallaroo, record: p.copy"), 4,
+     "proxies.p.record: unknown key (expected fifo, protocol)"),
     (BASE.replace("faults:", "checks:\n  - name: no run\nfaults:"), 6,
      "checks[0].run: missing required key"),
     (BASE.replace("proxy: p\n", "proxy: [p]\n"), 7,
@@ -258,6 +264,83 @@ def test_bad_scenarios_name_the_line_and_key(
     assert (status, out) == (2, "")
     assert err.startswith(f"wirefault chaos: {path}:{line}:"), err
     assert message in err
+    assert len(err.splitlines()) == 1, "a problem is reported once, with no follow-on errors"
+
+
+MANY_ERRORS = """\
+seed: x
+duration: 5
+timeot: 3
+proxies:
+  p: {fifo: x.fifo, protocol: wallaroo}
+  q: {fifo: y.fifo, protocol: mysql}
+faults:
+  - name: one
+    proxy: p
+    command: conn.onNotfy().kill()
+    armed: soon
+  - name: one
+    proxy: r
+    command: conn.onAck().kill()
+    armed: 0.5
+    every: [2, 1]
+  - {proxy: q, command: conn.onQuery().kill(), armed: 1}
+checks:
+  - {name: no run}
+"""
+
+
+def test_a_bad_scenario_reports_every_problem_in_file_order(tmp_path: Path) -> None:
+    path = write(tmp_path, MANY_ERRORS)
+    status, out, err = run_main(path)
+    assert (status, out) == (chaos.EXIT_BAD_RUN, "")
+    assert err.splitlines() == [f"wirefault chaos: {path}:{where}" for where in (
+        "1:7: seed: expected an integer, got 'x'",
+        "3:1: timeot: unknown key (expected seed, duration, proxies, faults, timeout, checks, "
+        "description); did you mean 'timeout'?",
+        "6:31: proxies.q.protocol: unknown protocol 'mysql'; known: postgres, wallaroo, raw",
+        "10:14: faults[0].command: column 6: unknown message type 'Notfy' for protocol "
+        "wallaroo; did you mean 'Notify'? (protocol wallaroo)",
+        "11:12: faults[0].armed: expected a number of seconds, got 'soon'",
+        "12:11: faults[1].name: duplicate fault name 'one'",
+        "13:12: faults[1].proxy: no proxy named 'r'; proxies: p, q",
+        "16:12: faults[1].every: min 2 is above max 1",
+        "19:5: checks[0].run: missing required key",
+    )]
+
+
+def test_must_fire_is_checked_against_armed_only(tmp_path: Path) -> None:
+    path = write(tmp_path, """\
+seed: 1
+duration: 5
+proxies:
+  p: {fifo: x.fifo, protocol: wallaroo}
+faults:
+  - {proxy: p, command: conn.onAck().kill(), armed: 1, must_fire: 0.5}
+  - {proxy: p, command: conn.onAck().kill(), armed: 1, must_fire: 1, start_after: 2}
+""")
+    status, _, err = run_main(path, "--dry-run")
+    assert status == chaos.EXIT_BAD_RUN
+    assert [line.split(": ", 3)[2:] for line in err.splitlines()] == [
+        ["faults[0].must_fire", "0.5 s is shorter than armed (1 s)"]]
+
+
+def test_any_rule_on_any_proxy_may_have_to_fire(tmp_path: Path) -> None:
+    path = write(tmp_path, """\
+seed: 1
+duration: 5
+proxies:
+  anything: {fifo: y.fifo}
+faults:
+  - {proxy: anything, command: 'conn.matches(b"^pi").kill()', armed: 1, must_fire: 5}
+  - {proxy: anything, command: 'conn.contains(b"ng").reset()', armed: 1, must_fire: 5,
+     start_after: 2}
+  - {proxy: anything, command: 'conn.connect_delay(100)', armed: 1, must_fire: 5,
+     start_after: 4}
+""")
+    status, out, err = run_main(path, "--dry-run")
+    assert (status, err) == (chaos.EXIT_PASS, "")
+    assert out.count("(must fire within 5s)") == 3
 
 
 def test_missing_scenario_file(tmp_path: Path) -> None:
@@ -275,19 +358,23 @@ class _Echo(socketserver.BaseRequestHandler):
             self.request.sendall(data)
 
 
-@pytest.fixture(scope="module")
-def echo_port() -> Iterator[int]:
+@contextlib.contextmanager
+def raw_echo_proxy() -> Iterator[RunningProxy]:
+    """A real raw-protocol proxy in front of a TCP echo server of its own."""
     server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    try:
+        with running_proxy(server.server_address[1], protocol="raw") as proxy:
+            yield proxy
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture(scope="module")
-def raw_proxy(echo_port: int) -> Iterator[RunningProxy]:
-    with running_proxy(echo_port, protocol="raw") as proxy:
+def raw_proxy() -> Iterator[RunningProxy]:
+    with raw_echo_proxy() as proxy:
         yield proxy
 
 
@@ -319,6 +406,8 @@ def test_a_run_arms_and_lifts_faults_on_a_real_proxy(
 checks:
   - {name: ok, run: 'test "$WIREFAULT_CHAOS_SEED" = 3'}
 """))
+    recorder = FaultProxy(raw_proxy.fifo)
+    recorder.dump()  # forget what earlier tests recorded
     results: list[bool] = []
     done = threading.Event()
 
@@ -345,6 +434,8 @@ checks:
     assert False in results, "no ping failed while the kill was armed"
     assert results[0] and results[-1]
     assert echoes(raw_proxy.port), "the proxy was left with a fault armed"
+    pings = [row for row in recorder.dump() if row.message == "Data(data=ping)"]
+    assert len(pings) >= len(results), "the run emptied the proxy's recorder"
 
 
 def test_json_timeline_and_a_failing_check(tmp_path: Path, raw_proxy: RunningProxy) -> None:
@@ -365,7 +456,7 @@ checks:
         "event": "check", "name": "fails", "run": "echo broken; exit 3", "passed": False,
         "status": 3, "seconds": 0, "attempts": 1, "output": "broken\n"}
     assert events[5] == {"event": "summary", "seed": 3, "duration": 1.2,
-                         "armed": {"echo": 1}, "errors": [],
+                         "armed": {"echo": 1}, "fired": {}, "held": 0.0, "errors": [],
                          "checks": {"passed": 1, "failed": 1}, "exit": 1}
 
 
@@ -413,12 +504,11 @@ def test_an_unreachable_proxy_stops_the_run_before_anything(tmp_path: Path) -> N
 
 def test_the_cli_dispatches_to_the_runner(tmp_path: Path) -> None:
     path = write(tmp_path, RANDOM_SCENARIO.format(seed=4))
-    wirefault = Path(sys.executable).parent / "wirefault"
-    result = subprocess.run([str(wirefault), "chaos", str(path), "--dry-run"],
+    result = subprocess.run([str(WIREFAULT), "chaos", str(path), "--dry-run"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout == run_main(path, "--dry-run")[1]
     bad = write(tmp_path, BASE.replace("seed: 1", "seed: x"), "bad.yaml")
-    result = subprocess.run([str(wirefault), "chaos", str(bad)], capture_output=True, text=True)
+    result = subprocess.run([str(WIREFAULT), "chaos", str(bad)], capture_output=True, text=True)
     assert result.returncode == 2
     assert f"{bad}:1:7: seed: expected an integer" in result.stderr

@@ -12,6 +12,8 @@ import pytest
 from layer_driver import LayerDriver, of_type, sent
 from mitmproxy.proxy import commands
 
+from wirefault.proxy.relay_io import ResetConnections, SetReading
+
 
 def query(text: str) -> bytes:
     body = text.encode() + b"\0"
@@ -121,9 +123,29 @@ def test_a_new_rule_starts_its_counters_fresh():
 def test_reset_aborts_the_connection():
     d = LayerDriver("raw", "conn.reset()")
     out = d.from_client(b"x")
-    assert d.resets == [d.client.id]
+    assert of_type(out, ResetConnections)
     assert sent(out) == b""
     assert {c.connection for c in of_type(out, commands.CloseConnection)} == {d.client, d.server}
+
+
+def test_reset_comes_after_the_frames_before_the_trigger_in_the_same_read():
+    d = pg_driver('conn.onQuery(query="TRIGGER").reset()')
+    out = d.from_client(query("INSERT 1") + query("SELECT 'TRIGGER'"))
+    kinds = [type(c) for c in out]
+    assert kinds.index(commands.SendData) < kinds.index(ResetConnections)
+    assert sent(out) == query("INSERT 1")
+
+
+def test_a_hold_stops_reading_only_past_the_backlog_limit_and_resumes_after():
+    d = LayerDriver("raw", "conn.connect_delay(10)")
+    hold = of_type(d.from_client(b"first"), commands.RequestWakeup)[0]
+    chunk = b"x" * 65536
+    seen = [of_type(d.from_client(chunk), SetReading) for _ in range(6)]
+    assert [len(s) for s in seen] == [0, 0, 0, 0, 1, 0]  # the 5th read goes past 256 KiB
+    assert seen[4][0].reading is False
+    out = d.wakeup(hold)
+    assert [c.reading for c in of_type(out, SetReading)] == [True]
+    assert sent(out) == b"first" + chunk * 6
 
 
 def test_killall_kills_other_connections_at_their_next_frame_until_replaced():
@@ -145,14 +167,12 @@ def test_cancel_signals_then_holds_the_frame_and_keeps_order():
         assert child.wait(timeout=5) == -signal.SIGINT
         assert [delay for delay, _ in d.clock.timers] == [pytest.approx(0.1)]
         assert sent(out) == b""
-        assert d.clock.reading[d.client.id] is False
         assert sent(d.from_server(b"s")) == b""  # the connection is paused while held
         assert sent(d.from_client(b"c")) == b""
         out = d.clock.fire()[d.client.id]
         data = of_type(out, commands.SendData)
         assert [(c.connection, c.data) for c in data] == [
             (d.server, b"x1"), (d.client, b"s"), (d.server, b"c")]
-        assert d.clock.reading[d.client.id] is True
     finally:
         if child.poll() is None:
             child.kill()
@@ -163,8 +183,7 @@ def test_cancel_pauses_every_connection_and_releases_them_in_order():
     runtime = older.runtime
     trigger = LayerDriver(runtime=runtime)
     assert sent(trigger.from_client(b"x")) == b""
-    # The other connection's reads are paused and what it had read waits too.
-    assert runtime.test_clock.reading[older.client.id] is False
+    # The other connection forwards nothing: what it reads waits in its backlog.
     assert sent(older.from_server(b"o1")) == b""
     # A connection that starts now does not open its upstream until the pause ends.
     newcomer = LayerDriver(runtime=runtime)

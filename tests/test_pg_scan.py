@@ -1,6 +1,6 @@
-"""The walk over PostgreSQL message headers: the native one agrees with the Python reference,
-is built wherever a C compiler is, and rejects bad arguments; framing gives the same frames
-with either."""
+"""The walk over PostgreSQL message headers: the native one agrees with the Python reference
+on every input (any int as a limit, bad arguments refused alike), is built wherever a C
+compiler is; framing gives the same frames with either, whatever the framer's limit."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_postgres_protocol import cut
+from test_postgres_protocol import any_limit, cut
 
 from wirefault.protocols import _pg_framer, _pg_scan
 from wirefault.protocols._pg_framer import _BACKEND_TABLE, _FRONTEND_TABLE
@@ -72,13 +72,38 @@ def test_rejects_bad_arguments(scan):
         scan(b"abc", 4, plain, 10)
     with pytest.raises(ValueError, match="pos"):
         scan(b"abc", -1, plain, 10)
-    if scan is not scan_python:
+    with pytest.raises(ValueError, match="pos"):
+        scan(b"abc", 1 << 64, plain, 10)  # beyond ssize_t: outside data, as any other
+    with pytest.raises(ValueError, match="pos"):
+        scan(b"abc", -(1 << 64), plain, 10)
+    with pytest.raises(TypeError):
+        scan(b"abc", 0, plain)
+    if scan is not scan_python:  # the framer always passes bytes and ints; C checks
         with pytest.raises(ValueError, match="256"):
             scan(b"abc", 0, b"\x01", 10)
         with pytest.raises(TypeError):
             scan(bytearray(b"abc"), 0, plain, 10)
         with pytest.raises(TypeError):
-            scan(b"abc", 0, plain)
+            scan(b"abc", 0, plain, 10.0)
+
+
+# Limits a misconfigured framer hands the walk (its max_frame minus one): none may raise.
+NO_LENGTH_FITS = [-(1 << 70), -(1 << 64), -(1 << 63) - 1, -(1 << 63), -(1 << 31), -2, -1, 0, 3]
+EVERY_LENGTH_FITS = [(1 << 32) - 1, 1 << 32, (1 << 63) - 1, 1 << 63, (1 << 64) - 1, 1 << 64,
+                     1 << 70]
+
+
+@pytest.mark.parametrize("scan", IMPLEMENTATIONS)
+@pytest.mark.parametrize("max_length", NO_LENGTH_FITS + EVERY_LENGTH_FITS)
+def test_any_int_is_a_limit(scan, max_length):
+    plain = _FRONTEND_TABLE.plain
+    sync = M["Sync"].encode()
+    huge = header(ord("Q"), 0xFFFFFFFF)  # the largest length there is, its body not here
+    stop, types, _ = scan(sync + sync + huge, 0, plain, max_length)
+    if max_length in NO_LENGTH_FITS:
+        assert (stop, types) == (0, b"")
+    else:
+        assert (stop, types) == (2 * len(sync), b"SS")
 
 
 plain_tables = st.binary(min_size=256, max_size=256).map(
@@ -97,19 +122,32 @@ def header_streams(draw: st.DrawFn) -> bytes:
     return b"".join(parts) + draw(st.binary(max_size=6))
 
 
+def outcome(scan, *args) -> tuple:
+    """What a walk returns, or the exception it raises, as comparable values."""
+    try:
+        return ("returned", scan(*args))
+    except Exception as exc:
+        return ("raised", type(exc), str(exc))
+
+
+limits = st.one_of(st.integers(0, 1 << 31), any_limit)
+
+
 @pytest.mark.skipif(not _pg_scan.NATIVE, reason="the native walk was not built")
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(data=st.one_of(header_streams(), st.binary(max_size=200)), plain=plain_tables,
-       pos=st.integers(0, 300), max_length=st.integers(0, 1 << 31))
+       pos=st.one_of(st.integers(0, 300), st.integers(-(1 << 70), 1 << 70)),
+       max_length=limits)
 def test_native_and_python_walks_agree(data, plain, pos, max_length):
-    pos = min(pos, len(data))
-    assert _pg_scan.scan(data, pos, plain, max_length) == scan_python(data, pos, plain,
-                                                                        max_length)
+    if 0 <= pos <= 300:
+        pos = min(pos, len(data))  # mostly inside data; otherwise both must refuse it
+    assert outcome(_pg_scan.scan, data, pos, plain, max_length) == outcome(
+        scan_python, data, pos, plain, max_length)
 
 
-def _frames_with(scan, monkeypatch, reads: list[bytes]) -> list[tuple]:
+def _frames_with(scan, monkeypatch, reads: list[bytes], max_frame: int | None) -> list[tuple]:
     monkeypatch.setattr(_pg_framer, "scan", scan)
-    session = PROTOCOL.new_session()
+    session = PROTOCOL.new_session(max_frame=max_frame)
     session.client.feed(M["StartupMessage"].encode(user="u"))
     got = []
     for data in reads:
@@ -117,11 +155,12 @@ def _frames_with(scan, monkeypatch, reads: list[bytes]) -> list[tuple]:
     return [*got, ("buffered", session.server.buffered)]
 
 
-@settings(max_examples=100, deadline=None)
-@given(stream=header_streams(), cuts=st.lists(st.integers(0, 600), max_size=8))
-def test_framing_gives_the_same_frames_with_either_walk(stream, cuts):
+@settings(max_examples=150, deadline=None)
+@given(stream=header_streams(), cuts=st.lists(st.integers(0, 600), max_size=8),
+       max_frame=st.one_of(st.none(), limits))
+def test_framing_gives_the_same_frames_with_either_walk(stream, cuts, max_frame):
     reads = cut(stream, cuts) if stream else []
     with pytest.MonkeyPatch.context() as patch:
-        expected = _frames_with(scan_python, patch, reads)
+        expected = _frames_with(scan_python, patch, reads, max_frame)
     with pytest.MonkeyPatch.context() as patch:
-        assert _frames_with(_pg_scan.scan, patch, reads) == expected
+        assert _frames_with(_pg_scan.scan, patch, reads, max_frame) == expected

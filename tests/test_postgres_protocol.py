@@ -528,6 +528,30 @@ def test_direct_tls_client_hello_is_passed_on_encrypted() -> None:
     assert session.server.feed(b"\x16\x03\x03")[0].encrypted
 
 
+@settings(max_examples=100, deadline=None)
+@given(records=st.lists(st.tuples(st.booleans(), st.binary(min_size=1, max_size=200)),
+                        max_size=8),
+       cuts=st.lists(st.integers(0, 2000), max_size=10),
+       max_frame=st.sampled_from([None, -1, 0, 1, 100, 1 << 64]))
+def test_direct_tls_passes_both_directions_on_encrypted_whatever_the_reads(
+    records: list[tuple[bool, bytes]], cuts: list[int], max_frame: int | None
+) -> None:
+    # a handshake record where the startup packet would be: from then on, every byte of both
+    # directions is passed on once, as encrypted Opaque frames, however TCP cut the reads,
+    # with no limit applying (nothing is framed)
+    hello = b"\x16\x03\x01\x00\xf1\x01" + bytes(range(60))
+    session = PROTOCOL.new_session(max_frame=max_frame)
+    frames = feed_reads(session.client, cut(hello, cuts))
+    for from_client, data in records:
+        frames += feed_reads(session.client if from_client else session.server, cut(data, cuts))
+    assert all(f.type == OPAQUE and f.encrypted for f in frames)
+    for from_client in (True, False):
+        sent = (hello if from_client else b"") + b"".join(
+            data for side, data in records if side == from_client)
+        assert b"".join(f.data for f in frames if f.from_client == from_client) == sent
+    assert session.client.buffered == session.server.buffered == 0
+
+
 # --- bad input ---------------------------------------------------------------------------------
 
 
@@ -702,23 +726,72 @@ def conversation(draw: st.DrawFn) -> list[tuple[bool, str, bytes]]:
     return messages
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(messages=conversation(), cuts=st.lists(st.integers(0, 10_000), max_size=20))
-def test_conversation_frames_to_the_original_messages_in_both_directions(
-    messages: list[tuple[bool, str, bytes]], cuts: list[int]
-) -> None:
-    # consecutive messages of one direction may share reads; a reply never shares a read
-    # with what it answers
+def frame_conversation(session: Any, messages: list[tuple[bool, str, bytes]],
+                       cuts: list[int]) -> list[Frame]:
+    """Feeds a conversation to a session's framers, cut into reads, in causal order:
+    consecutive messages of one direction may share reads; a reply never shares a read
+    with what it answers."""
     runs: list[tuple[bool, bytes]] = []
     for from_client, _, data in messages:
         if runs and runs[-1][0] == from_client:
             runs[-1] = (from_client, runs[-1][1] + data)
         else:
             runs.append((from_client, data))
-    session = PROTOCOL.new_session()
     frames: list[Frame] = []
     for from_client, data in runs:
         framer = session.client if from_client else session.server
         frames += feed_reads(framer, cut(data, cuts))
+    return frames
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(messages=conversation(), cuts=st.lists(st.integers(0, 10_000), max_size=20))
+def test_conversation_frames_to_the_original_messages_in_both_directions(
+    messages: list[tuple[bool, str, bytes]], cuts: list[int]
+) -> None:
+    session = PROTOCOL.new_session()
+    frames = frame_conversation(session, messages, cuts)
     assert [(f.from_client, f.type, f.data) for f in frames] == messages
     assert session.client.buffered == session.server.buffered == 0
+
+
+EDGE_LIMITS = [-(1 << 70), -(1 << 64), -(1 << 63) - 1, -(1 << 63), -(1 << 31), -1, 0, 1, 4, 5,
+               8, (1 << 32) - 1, 1 << 32, (1 << 63) - 1, 1 << 63, (1 << 64) - 1, 1 << 64, 1 << 70]
+any_limit = st.one_of(
+    st.integers(0, 300),  # around the sizes of the messages drawn here
+    st.integers(-(1 << 70), 1 << 70),  # any int at all
+    st.sampled_from(EDGE_LIMITS),  # where int64, uint32 and uint64 end
+)
+
+
+def frame_limit(name: str, max_frame: int) -> float:
+    """The largest size a framer built with `max_frame` frames a message of this name at."""
+    if name in ("SSLResponse", "GSSENCResponse"):  # one byte, never a header to check
+        return float("inf")
+    if WIRE[name].kind != "typed":  # the client's first message: PostgreSQL's own cap too
+        return min(max_frame, MAX_STARTUP_PACKET)
+    return max_frame
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(messages=conversation(), cuts=st.lists(st.integers(0, 10_000), max_size=20),
+       max_frame=any_limit)
+def test_a_framer_built_with_any_limit_never_raises(
+    messages: list[tuple[bool, str, bytes]], cuts: list[int], max_frame: int
+) -> None:
+    # --max-frame is the user's to choose (the CLI refuses negative values, the framer must
+    # not depend on it): messages within the limit are framed as sent, the first one over it
+    # is a ProtocolError, and every byte is passed on once, in each direction.
+    session = PROTOCOL.new_session(max_frame=max_frame)
+    frames = frame_conversation(session, messages, cuts)
+    over = next((i for i, (_, name, data) in enumerate(messages)
+                 if len(data) > frame_limit(name, max_frame)), len(messages))
+    assert [(f.from_client, f.type, f.data) for f in frames[:over]] == messages[:over]
+    if over < len(messages):
+        error = frames[over]
+        assert (error.type, error.from_client) == (PROTOCOL_ERROR, messages[over][0])
+        assert "over the limit" in (error.error or "")
+    for from_client, framer in ((True, session.client), (False, session.server)):
+        sent = b"".join(data for side, _, data in messages if side == from_client)
+        passed = b"".join(f.data for f in frames if f.from_client == from_client)
+        assert passed + bytes(framer._pending) == sent

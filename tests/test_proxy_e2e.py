@@ -6,7 +6,6 @@ import contextlib
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -15,21 +14,10 @@ import time
 import psycopg
 import pytest
 from fifo_helpers import wait_until
+from pgwire import query_message, startup_message
 from proxy_helpers import running_proxy
 
 from wirefault.fifo_client import CommandError, FaultProxy
-
-STARTUP_USER = b"user\0postgres\0database\0postgres\0\0"
-
-
-def startup_message() -> bytes:
-    return struct.pack("!II", 8 + len(STARTUP_USER), 196608) + STARTUP_USER
-
-
-def query_message(text: str) -> bytes:
-    body = text.encode() + b"\0"
-    return b"Q" + struct.pack("!I", len(body) + 4) + body
-
 
 LAUNCHES = {
     # the runner with the fast path (the default), mitmdump with every read through mitmproxy

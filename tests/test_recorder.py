@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from wirefault.protocols import Frame, get
-from wirefault.proxy.recorder import KEEP_FRAME_BYTES, Recorder, RecorderSlot, copy_escape
+from wirefault.proxy.recorder import (
+    KEEP_FRAME_BYTES,
+    LIMITS,
+    Recorder,
+    RecorderSlot,
+    copy_escape,
+)
 
 RAW_PROTOCOL = get("raw")
 RAW = RAW_PROTOCOL.messages["Data"]
@@ -88,7 +94,7 @@ def test_long_text_fields_are_cut_and_marked():
 def test_binary_payloads_render_quickly_as_escapes():
     payload = bytes(range(256)) * 64
     frame = data_frame(payload)
-    rendered = frame.render(4096, 256)
+    rendered = frame.render(LIMITS)
     assert rendered.startswith("Data(data=\\x00\\x01\\x02")
     assert rendered.endswith(f"...({len(payload)} bytes))")
 

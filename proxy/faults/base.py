@@ -46,9 +46,11 @@ class ConnectionState:
 
 @dataclass(slots=True)
 class SharedState:
-    """State one rule shares across connections (killall's switch)."""
+    """State one rule shares across connections (killall's switch, and what it did)."""
 
     killall_fired: bool = False
+    fired: int = 0
+    """Frames the rule acted on (anything but forwarding them), on every connection."""
 
 
 class Fault(Protocol):

@@ -19,6 +19,9 @@ Protocol choices (Wallaroo connector protocol v3, the source side):
 - Restart, Error, a closed or reset connection, a refused Notify or a silent worker all mean
   the same: close, wait a short backoff (20 ms doubling to 200 ms), reconnect and resume
   from the worker's NotifyAck.
+
+`--rate` holds until SIGUSR1, which lets the rest go as fast as credits allow: a chaos test
+streams slowly enough that the data outlasts its faults, then finishes without waiting.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -241,15 +245,19 @@ class Source:
         self.stats.resumed_from.append(start)
         return start
 
+    def full_speed(self) -> None:
+        """Stop pacing: the remaining lines go as fast as credits allow."""
+        self.config.rate = 0.0
+
     async def _stream_lines(self, session: _Session, first: int) -> None:
         lines = self.lines
         stream = session.stream
-        interval = 1.0 / self.config.rate if self.config.rate > 0 else 0.0
         loop = asyncio.get_running_loop()
         next_at = loop.time()
         for index in range(first, len(lines.lines)):
             await session.wait_until(lambda: session.credits > 0)
-            if interval:
+            if self.config.rate > 0:
+                interval = 1.0 / self.config.rate
                 # No catch-up burst after a stall: pace from now at most 50 ms back.
                 next_at = max(next_at + interval, loop.time() - 0.05)
                 delay = next_at - loop.time()
@@ -278,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--file", required=True, type=Path)
     parser.add_argument("--stream-id", type=int, default=1)
     parser.add_argument("--stream-name", default="lines")
-    parser.add_argument("--rate", type=float, default=0.0, help="lines per second (0: no limit)")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="lines per second until SIGUSR1 (0: no limit)")
     parser.add_argument("--instance-name", default="source-1")
     parser.add_argument("--give-up-after", type=float, default=None, metavar="SECONDS")
     args = parser.parse_args(argv)
@@ -289,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
                           args.instance_name, give_up_after=args.give_up_after)
 
     async def body(stop: asyncio.Event) -> tuple[int, dict[str, Any]]:
-        stats = await run_source(config, stop)
+        source = Source(config)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, source.full_speed)
+        stats = await source.run(stop)
         return (0 if stats.finished else 1), asdict(stats)
 
     return run_main(args, body)
