@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from operator import itemgetter
 
 from wirefault.protocols import Frame, FrameBatch, FrameRun, MessageSpec, TypeTable
 from wirefault.protocols.base import Limits, cut_fields, cut_payload, render_cut
@@ -40,11 +41,19 @@ MAX_RENDERED_BYTES = 256
 MAX_RENDERED_ITEMS = 100
 """A list or map is shown up to this many items."""
 LIMITS = Limits(chars=MAX_RENDERED_CHARS, bytes=MAX_RENDERED_BYTES, items=MAX_RENDERED_ITEMS)
-ROW_BYTES = 120
-"""What a row costs besides what it keeps: its tuple, its slot in the chunk, the header of
-the bytes object it holds (counted towards `max_bytes`)."""
-RUN_BYTES = 200
-"""The same for a run's row, whose payload is a tuple of three bytes objects."""
+ROW_BYTES = 115
+"""What a row holds besides its payload's content, counted towards `max_bytes`: its tuple,
+its slot in the chunk, the payload's object header."""
+RUN_BYTES = 150
+"""What a run's row holds besides that: its key tuple and the objects of its types and
+ends."""
+FRAME_BYTES = 9
+"""What a frame of a run holds besides its bytes: its type byte and its int64 end."""
+MOST_BYTES_PER_FRAME = 2 * KEEP_FRAME_BYTES + FRAME_BYTES + ROW_BYTES + RUN_BYTES
+"""The most a frame kept whole, or a frame of a run (which keeps at most twice its frames'
+bytes, see `_add_run`), holds: a chunk of `_chunk_frames` of them stays within
+`_chunk_bytes` without counting them one by one."""
+_PAYLOAD = itemgetter(3)
 SKIPPED_TYPES = frozenset({"Terminate"})
 """Left out: they arrive at unpredictable times and make dumps flaky."""
 
@@ -78,8 +87,10 @@ Row = tuple[int, bool, object, object]
   of its fields (`cut_fields`);
 - None: payload is the frame already rendered (a frame without fields: `Opaque(length=N)`,
   `ProtocolError(error=...)`);
-- an int: a run; the key is its `TypeTable.index` and payload is
-  (bytes, their offset in the read, start of the first frame, types, ends) (see `FrameRun`).
+- a tuple: a run; the key is (its `TypeTable.index`, the offset of payload in the read,
+  start of the first frame, types, ends) (see `FrameRun`) and payload is the bytes.
+The payload is what a row holds (save for a cut copy's values), so the bytes of a chunk are
+the lengths of its payloads, counted once when it is closed.
 """
 
 
@@ -99,9 +110,6 @@ class Recorder:
         self.messages = messages or {}
         self.client_label = client_label
         self.server_label = server_label
-        self._chunk_frames = max(limit // 8, 64)
-        """Rows are kept in chunks of about this many frames; the oldest chunk is dropped
-        whole once the others hold `limit` frames, so forgetting costs nothing per row."""
         self._chunks: deque[tuple[list[Row], int]] = deque()
         """Full chunks, oldest first, with their frame counts."""
         self._chunk_sizes: deque[int] = deque()
@@ -109,12 +117,15 @@ class Recorder:
         self._rows: list[Row] = []
         """The chunk being filled."""
         self._rows_frames = 0
-        self._rows_bytes = 0
+        self._rows_extra = 0
+        """What the chunk's runs and cut copies hold beyond their payload's length, added as
+        they come; the rest of a chunk's bytes, the lengths of its rows' payloads, is
+        counted once when it is closed, so a frame kept whole costs no counting."""
         self._held = 0
         """Frames in every chunk: `limit` to `limit` + a chunk once full; a dump shows the
         newest `limit` of them."""
         self._held_bytes = 0
-        """Bytes of every chunk: under `max_bytes` + a chunk."""
+        """Bytes of every chunk: under `max_bytes` + a chunk once full."""
         self._count = 0
         """Frames recorded since the last dump or reset; those not shown were dropped."""
         self._bytes_dropped = False
@@ -132,8 +143,13 @@ class Recorder:
         if max_bytes < 1:
             raise ValueError("the recorder keeps at least one byte")
         self._max_bytes = max_bytes
-        self._chunk_bytes = max(max_bytes // 8, 1)
-        """A chunk is also closed once its rows hold this many bytes."""
+        self._chunk_bytes = max(max_bytes // 16, 1)
+        """A chunk is closed once its frames may hold this many bytes (by `_chunk_frames`)
+        or its cut copies do: so it holds an eighth of `max_bytes` at most, plus a row."""
+        self._chunk_frames = max(min(max(self.limit // 8, 64),
+                                     self._chunk_bytes // MOST_BYTES_PER_FRAME), 1)
+        """Rows are kept in chunks of up to this many frames; the oldest chunk is dropped
+        whole once the others reach a bound, so forgetting costs nothing per row."""
 
     def __len__(self) -> int:
         return min(self._held + self._rows_frames, self.limit)
@@ -147,7 +163,7 @@ class Recorder:
 
     def record(self, slot: RecorderSlot, frame: Frame) -> None:
         self._add_frame(self._number(slot), frame)
-        if self._rows_frames >= self._chunk_frames or self._rows_bytes >= self._chunk_bytes:
+        if self._rows_frames >= self._chunk_frames:
             self._close_chunk()
 
     def record_batch(self, slot: RecorderSlot, batch: FrameBatch) -> None:
@@ -159,7 +175,7 @@ class Recorder:
                     self._add_run_frames(number, segment)
             else:
                 self._add_frame(number, segment)  # type: ignore[arg-type]
-        if self._rows_frames >= self._chunk_frames or self._rows_bytes >= self._chunk_bytes:
+        if self._rows_frames >= self._chunk_frames:
             self._close_chunk()
 
     def _add_frame(self, number: int, frame: Frame) -> None:
@@ -186,13 +202,10 @@ class Recorder:
         if spec is not None and end - start <= KEEP_FRAME_BYTES:
             whole = data if start == 0 and end == len(data) else data[start:end]
             self._rows.append((number, from_client, type_name, whole))
-            self._rows_bytes += end - start + ROW_BYTES
             return
         if spec is None:  # no fields (Opaque, ProtocolError): rendering it costs nothing
             assert frame is not None  # such frames are never part of a run
-            rendered = render_frame(frame)
-            self._rows.append((number, from_client, None, rendered))
-            self._rows_bytes += len(rendered) + ROW_BYTES
+            self._rows.append((number, from_client, None, render_frame(frame)))
             return
         if spec.payload_offset is not None:
             # a dump shows only the start of the payload: cut that, without decoding
@@ -204,7 +217,9 @@ class Recorder:
                 frame = Frame(type_name, data[start:end], (start, end), from_client, spec)
             cut, size = cut_fields(frame.fields_once(), LIMITS)
         self._rows.append((number, from_client, type_name, cut))
-        self._rows_bytes += size + ROW_BYTES
+        self._rows_extra += size
+        if self._rows_extra >= self._chunk_bytes:  # a cut copy holds more than a frame may
+            self._close_chunk()
 
     def _add_run(self, number: int, run: FrameRun) -> bool:
         """Keeps `run` as one row; False when its frames must be kept one by one (large
@@ -223,19 +238,22 @@ class Recorder:
             blob, base = data[start:run.stop], start
         else:
             blob, base = data, 0
-        self._rows.append((number, run.from_client, table.index,
-                           (blob, base, start, run.types, run.ends)))
+        self._rows.append((number, run.from_client,
+                           (table.index, base, start, run.types, run.ends), blob))
         self._count += count
         self._rows_frames += count
-        self._rows_bytes += len(blob) + 9 * count + RUN_BYTES  # blob, types, int64 ends
+        self._rows_extra += RUN_BYTES
         return True
 
     def _close_chunk(self) -> None:
-        self._chunks.append((self._rows, self._rows_frames))
-        self._chunk_sizes.append(self._rows_bytes)
+        rows = self._rows
+        size = (self._rows_extra + sum(map(len, map(_PAYLOAD, rows))) + ROW_BYTES * len(rows)
+                + FRAME_BYTES * self._rows_frames)  # as if every frame were in a run
+        self._chunks.append((rows, self._rows_frames))
+        self._chunk_sizes.append(size)
         self._held += self._rows_frames
-        self._held_bytes += self._rows_bytes
-        self._rows, self._rows_frames, self._rows_bytes = [], 0, 0
+        self._held_bytes += size
+        self._rows, self._rows_frames, self._rows_extra = [], 0, 0
         chunks, sizes = self._chunks, self._chunk_sizes
         while True:  # drop the oldest chunk while the others still reach a bound
             frames, size = chunks[0][1], sizes[0]
@@ -259,7 +277,7 @@ class Recorder:
         self._chunk_sizes.clear()
         self._rows = []
         self._held = self._rows_frames = self._count = 0
-        self._held_bytes = self._rows_bytes = 0
+        self._held_bytes = self._rows_extra = 0
         self._bytes_dropped = False
 
     def dump(self) -> str:
@@ -281,9 +299,10 @@ class Recorder:
         skip = self._held + self._rows_frames - self.limit  # frames past the limit
         for rows in [*(chunk for chunk, _ in self._chunks), self._rows]:
             for number, from_client, key, payload in rows:
-                if type(key) is int:
-                    frames = frames_of(*payload, TypeTable.known[key],  # type: ignore[misc]
-                                       from_client)
+                if type(key) is tuple:
+                    index, base, start, types, ends = key
+                    frames = frames_of(payload, base, start, types, ends,  # type: ignore[arg-type]
+                                       TypeTable.known[index], from_client)
                     if skip > 0:
                         skip -= len(frames)
                         if skip >= 0:

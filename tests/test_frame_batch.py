@@ -191,18 +191,34 @@ def test_large_frames_keep_only_what_their_rendering_shows():
     session = PROTOCOL.new_session()
     recorder = Recorder(messages=M)
     recorder.record_batch(RecorderSlot(), session.server.feed_batch(big * 2 + row))
-    (_, _, key, payload), _, (_, _, row_key, rendered) = list(recorder._rows)[:3]
-    # a payload message: the start of its payload and its size, not the frame's bytes
-    assert key == "CopyData" and payload == (b"y" * MAX_RENDERED_BYTES, len(big) - 5)
-    # any other message: rendered and cut at once
-    assert row_key is None and rendered.startswith("DataRow(values=[vvv") and len(rendered) < 5000
+    (_, _, key, payload), _, (_, _, row_key, cut) = list(recorder._rows)[:3]
+    # a payload message: its field, cut to the start of its payload and its size (a cut copy
+    # of its fields), never the frame's bytes
+    assert key == "CopyData" and payload[0] == "data"
+    assert b"y" * MAX_RENDERED_BYTES in payload and len(big) - 5 in payload
+    assert sum(len(v) for v in payload if isinstance(v, bytes)) == MAX_RENDERED_BYTES
+    # any other large message: a cut copy of its fields, rendered only by a dump
+    assert row_key == "DataRow"
+    assert sum(len(v) for v in _leaves(cut) if isinstance(v, bytes)) <= MAX_RENDERED_BYTES
     # a small run inside a large read keeps a copy of its own bytes, not the whole read
     session.server.feed_batch(big[:100])
     batch = session.server.feed_batch(big[100:] + small * 2)
     recorder.record_batch(RecorderSlot(), batch)
     run_row = list(recorder._rows)[-1]
-    assert isinstance(run_row[2], int) and run_row[3][0] == small * 2
-    assert recorder.dump().count("CopyData(data=z)") == 2
+    kept = [v for v in _leaves(run_row) if isinstance(v, bytes)]
+    assert small * 2 in kept and max(map(len, kept)) < len(big)
+    dump = recorder.dump()
+    assert dump.count("CopyData(data=z)") == 2
+    assert f"DataRow(values=[{'v' * MAX_RENDERED_BYTES}...({KEEP_FRAME_BYTES * 4} bytes)])" in dump
+
+
+def _leaves(value):
+    """Every scalar inside a nested tuple/list (a recorder row's cut copy)."""
+    if isinstance(value, tuple | list):
+        for item in value:
+            yield from _leaves(item)
+    else:
+        yield value
 
 
 @settings(max_examples=150, deadline=None)

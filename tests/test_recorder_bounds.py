@@ -247,7 +247,10 @@ def test_the_byte_bound_through_a_proxy(pg, launch):
     assert first.message.endswith("frames dropped (ring buffer limit 100000 frames or "
                                   "1000000 bytes)")
     dropped = int(first.message.split()[0])
-    assert 600 < len(shown) < 1200 and dropped > 3800
+    # ~1 MB of 1 KB rows, plus up to two chunks (a quarter) more; frames that came in one
+    # read share their bookkeeping, so how the reads fell (a loaded machine reads bigger
+    # ones) moves the count between these bounds. Without a byte bound: all 5,000.
+    assert 600 < len(shown) < 1300 and dropped > 3700
     assert [row.message for row in shown[-3:]] == [
         f"DataRow(values=[5000, {'r' * 256}...(1000 bytes)])",
         "CommandComplete(command=SELECT 5000)", "ReadyForQuery(status=I)"]

@@ -194,12 +194,16 @@ def counting_sink() -> Iterator[tuple[int, list[int]]]:
     server.listen()
     received = [0]
 
-    def serve() -> None:
+    def count(client: socket.socket) -> None:
+        with client, contextlib.suppress(OSError):
+            while data := client.recv(1 << 20):
+                received[0] += len(data)
+
+    def serve() -> None:  # every connection: a proxy's port probe opens an upstream too
         with contextlib.suppress(OSError):
-            client, _ = server.accept()
-            with client:
-                while data := client.recv(1 << 20):
-                    received[0] += len(data)
+            while True:
+                client, _ = server.accept()
+                threading.Thread(target=count, args=(client,), daemon=True).start()
 
     threading.Thread(target=serve, daemon=True).start()
     try:
