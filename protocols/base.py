@@ -186,8 +186,10 @@ def cut_payload(spec: MessageSpec, head: bytes, size: int,
 def _cut_into(cut: list[Any], value: Any, limits: Limits) -> int:
     """Appends `value`, cut to `limits`, to the cut copy `cut`; returns roughly the bytes of
     the objects it added (besides their slots)."""
-    if isinstance(value, bytes | bytearray | memoryview):  # the usual value, first
+    if isinstance(value, bytes | bytearray | memoryview):  # the usual values first
         return _cut_bytes_into(cut, value, len(value), limits.bytes)
+    if isinstance(value, list | tuple):
+        return _cut_items_into(cut, _LIST, len(value), value, limits)
     if isinstance(value, str):
         most = limits.chars
         if most is not None and len(value) > most:
@@ -201,8 +203,6 @@ def _cut_into(cut: list[Any], value: Any, limits: Limits) -> int:
     if value is None or isinstance(value, int | float):  # bool, float: not tags
         cut.append(value)
         return _OBJECT_BYTES
-    if isinstance(value, list | tuple):
-        return _cut_items_into(cut, _LIST, len(value), value, limits)
     if isinstance(value, Mapping):  # last: an ABC's check costs more than the others
         return _cut_items_into(cut, _MAP, len(value), value.items(), limits)
     return _cut_into(cut, str(value), limits)
