@@ -93,7 +93,6 @@ class RelayIO:
         self._timers: set[asyncio.TimerHandle] = set()
         self._released: set[Connection] = set()
         self._idle_checks = 0
-        self._reset_timer: asyncio.TimerHandle | None = None
         self._idle_timeout = idle_timeout
         if idle_timeout:
             self._later(idle_timeout / IDLE_CHECKS, self._check_idle)
@@ -166,10 +165,8 @@ class RelayIO:
         waiting = any(_unsent_bytes(t) for t in self._transports())
         if waiting and loop.time() < deadline:
             # Not `_later`: the connection counts as finished already, and its timers go.
-            self._reset_timer = loop.call_later(
-                FLUSH_POLL_SECONDS, self._reset_when_flushed, deadline)
+            loop.call_later(FLUSH_POLL_SECONDS, self._reset_when_flushed, deadline)
             return
-        self._reset_timer = None
         for connection in (self.server, self.client):
             transport = self.transport_of(connection)
             if transport is not None and not transport.is_closing():
@@ -282,15 +279,6 @@ class RelayIO:
             for handle in self._timers:
                 handle.cancel()
             self._timers.clear()
-
-    def close_everything(self) -> None:
-        """The layer is gone for good (the proxy stops): cancel what is pending."""
-        self.finished = True
-        if self._reset_timer is not None:
-            self._reset_timer.cancel()
-        for handle in self._timers:
-            handle.cancel()
-        self._timers.clear()
 
 
 def _unsent_bytes(transport: asyncio.Transport) -> int:

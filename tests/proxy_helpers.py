@@ -36,12 +36,21 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30.0) -
     raise TimeoutError(f"proxy did not listen on {port} within {timeout}s")
 
 
-def rss_kib(pid: int) -> int:
+def _status_kib(pid: int, field: str) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {field}")
+
+
+def rss_kib(pid: int) -> int:
+    return _status_kib(pid, "VmRSS:")
+
+
+def peak_rss_kib(pid: int) -> int:
+    """The process's peak RSS so far (VmHWM)."""
+    return _status_kib(pid, "VmHWM:")
 
 
 @dataclass

@@ -15,7 +15,7 @@ import sys
 import tracemalloc
 
 import pytest
-from proxy_helpers import BIN, MITMDUMP_SCRIPT, running_proxy
+from proxy_helpers import BIN, MITMDUMP_SCRIPT, peak_rss_kib, running_proxy
 from test_proxy_e2e import LAUNCHES
 
 from wirefault.fifo_client import FaultProxy, parse_dump
@@ -210,11 +210,6 @@ def test_mitmdump_refuses_a_byte_bound_below_one(tmp_path):
 @pytest.fixture(scope="module", params=list(LAUNCHES))
 def launch(request) -> tuple[str, list[str]]:
     return LAUNCHES[request.param]
-
-
-def peak_rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
 
 
 def test_a_50_mib_binary_bytea_is_dumped_cut_in_bytes_and_memory_stays_bounded(pg, launch):

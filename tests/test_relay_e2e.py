@@ -22,7 +22,7 @@ import pytest
 from fifo_helpers import wait_until
 from pgserver import free_port
 from pgwire import open_session, query_message, read_until_ready
-from proxy_helpers import RunningProxy, rss_kib, running_proxy
+from proxy_helpers import RunningProxy, peak_rss_kib, rss_kib, running_proxy
 
 from wirefault.fifo_client import FaultProxy
 
@@ -234,13 +234,8 @@ def test_what_arrives_during_a_hold_waits_in_the_sender_not_in_the_proxy(launch)
         sender.start()
         assert wait_until(lambda: received[0] == total, timeout=120), (received, sent)
         sender.join(30)
-        peak = hwm_kib(proxy.process.pid)
+        peak = peak_rss_kib(proxy.process.pid)
     assert peak - baseline < 96 * 1024, (baseline, peak)  # not the 200 MiB it was sent
-
-
-def hwm_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
 # -- 9. no idle timeout unless asked for --------------------------------------------------------
