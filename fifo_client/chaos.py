@@ -6,20 +6,22 @@
     wirefault chaos scenario.yaml --seed 7     # another seed, same scenario
 
 The scenario format is described in `chaos_scenario`, the schedule in `chaos_schedule`.
-Each proxy's windows run in order on their own task, so a slow proxy never delays another's
-faults. A fault with `must_fire` stays armed past its planned lift until it fired, for at
-most `must_fire` seconds since its arming, and meanwhile holds the scenario clock
-(`chaos_clock`) that every proxy arms its faults by. A proxy counts the frames the rule in
-force acted on (killed, reset, held...), from 0 whenever a conn.* command replaces the rule:
-the runner polls that count (`proxy.status()["fired"]`) once the arming command returned,
-and the fault fired when it is 1 or more. The runner never reads a proxy's recorder, so
-all it recorded during the run is still there afterwards.
+Every arming is a named fault on its proxy: the scenario's `conn.*` rule sent as
+`faults.add("<fault>:<arming>")...` and lifted with `faults.remove(...)`, so several faults
+are in force on one proxy at once. Each window runs on its own task, and each proxy's
+exchanges take turns, so a slow proxy never delays another's faults. A fault with
+`must_fire` stays armed past its planned lift until it fired, for at most `must_fire`
+seconds since its arming, and meanwhile holds the scenario clock (`chaos_clock`) that every
+proxy arms its faults by. The proxy counts each fault's firings: the runner polls that
+count (the fault's `fired` in `faults.list()`) once the arming command returned, and the
+fault fired when it is 1 or more. The runner never reads a proxy's recorder, so all it
+recorded during the run is still there afterwards.
 
 The runner talks to proxies only through `FaultProxy`. Exit status: 0 when every check
 passed, 1 when a check failed, 2 for a bad scenario, a proxy that does not answer before
 the start, a fault command that failed or a must-fire fault that did not fire; 130 when
 interrupted and 141 when stdout was closed (e.g. piped into `head`): the run then stops,
-and either way every proxy is set back to `conn.allow()`.
+and either way every proxy is set back to `conn.allow()` (which removes every fault).
 """
 
 from __future__ import annotations
@@ -65,13 +67,13 @@ from .chaos_scenario import (
     load_scenario,
 )
 from .chaos_schedule import Schedule, Window, build_schedule
-from .client import STATUS, FaultProxy
+from .client import LIST_FAULTS, FaultProxy
 from .errors import WirefaultError
 
 CHECK_RETRY_PAUSE = 0.5
 CHECK_OUTPUT_CHARS = 2000
 WATCH_INTERVAL = 0.1
-"""Seconds between two `proxy.status()` polls of a proxy whose must-fire fault is armed."""
+"""Seconds between two `faults.list()` polls of a proxy whose must-fire fault is armed."""
 
 T = TypeVar("T")
 
@@ -104,6 +106,9 @@ class Runner:
                         for name, spec in scenario.proxies.items()}
         self.clock = ScenarioClock()
         self._in_flight: set[asyncio.Future[Any]] = set()
+        self._turns: dict[str, asyncio.Lock] = {}
+        """Per proxy: its exchanges queue here, in order, each with its whole timeout
+        (rather than in the client's thread lock, whose wait counts against it)."""
 
     def elapsed(self) -> float:
         return self.clock.elapsed()
@@ -131,50 +136,57 @@ class Runner:
                 raise ProxyUnreachable(f"proxy {name}: {exc}") from None
 
     async def _drive_every_proxy(self) -> None:
-        """Each proxy's windows on their own task; when stdout goes away in one, the
-        others are cancelled with it."""
+        """Each window on its own task, started at its arming time (windows come in arming
+        order), so windows on one proxy overlap as scheduled and only the windows in force
+        have a task; when stdout goes away in one, the others are cancelled with it."""
         try:
             async with asyncio.TaskGroup() as group:
-                for name in self.clients:
-                    group.create_task(self._drive(name))
+                for window in self.schedule.windows:
+                    await self.clock.until(window.arm)
+                    group.create_task(self._drive(window))
         except* OutputClosed:
             raise OutputClosed from None
 
-    async def _drive(self, proxy: str) -> None:
-        for window in self.schedule.for_proxy(proxy):
-            await self.clock.until(window.arm)
-            # The armed time is real seconds from the arming, whatever holds the clock: a
-            # fault armed before a hold is lifted on time, it cannot starve the waiting one.
-            lift_at = time.monotonic() + window.disarm - window.arm
-            if await self._send(window, window.command, "armed", window_note(window)):
-                self.tally.note_armed(proxy)
-                if window.must_fire is not None:
-                    await self._keep_armed_until_fired(window, lift_at)
-            await asyncio.sleep(max(0.0, lift_at - time.monotonic()))
-            await self._send(window, ALLOW, "disarmed")
+    async def _drive(self, window: Window) -> None:
+        # The armed time is real seconds from the arming, whatever holds the clock: a fault
+        # armed before a hold is lifted on time, it cannot starve the waiting one.
+        lift_at = time.monotonic() + window.disarm - window.arm
+        if not await self._send(window, window.arm_command, "armed", window.command,
+                                window_note(window)):
+            return  # nothing to lift: the proxy refused the fault
+        self.tally.note_armed(window.proxy)
+        if window.must_fire is not None:
+            await self._keep_armed_until_fired(window, lift_at)
+        await asyncio.sleep(max(0.0, lift_at - time.monotonic()))
+        await self._send(window, window.lift_command, "disarmed", window.lift_command)
 
-    async def _call(self, function: Callable[..., T], *args: Any) -> T:
-        """`function(*args)` in a thread. A cancelled run still waits for it (in
-        `_lift_everything`), so no arming can land after the final conn.allow()."""
-        future = asyncio.get_running_loop().run_in_executor(None, function, *args)
-        self._in_flight.add(future)
-        future.add_done_callback(self._in_flight.discard)
-        return await asyncio.shield(future)
+    async def _call(self, proxy: str, function: Callable[..., T], *args: Any) -> T:
+        """`function(*args)` in a thread, after this proxy's earlier exchanges. A cancelled
+        run still waits for it (in `_lift_everything`), so no arming can land after the
+        final conn.allow()."""
+        async with self._turns.setdefault(proxy, asyncio.Lock()):
+            future = asyncio.get_running_loop().run_in_executor(None, function, *args)
+            self._in_flight.add(future)
+            future.add_done_callback(self._in_flight.discard)
+            return await asyncio.shield(future)
 
-    async def _send(self, window: Window, command: str, event: str, note: str = "") -> bool:
+    async def _send(self, window: Window, command: str, event: str, shown: str,
+                    note: str = "") -> bool:
+        """Send `command`; the timeline shows `shown` (the scenario's rule, for an arming)."""
         try:
-            await self._call(self.clients[window.proxy].send, command)
+            await self._call(window.proxy, self.clients[window.proxy].send, command)
         except WirefaultError as exc:
-            self._error(window, command, str(exc))
+            self._error(window, shown, str(exc))
             return False
-        self.reporter.step(event, self.elapsed(), window.proxy, window.fault, command, note)
+        self.reporter.step(event, self.elapsed(), window.proxy, window.fault, shown, note,
+                           name=window.name)
         return True
 
     def _error(self, window: Window, command: str, problem: str) -> None:
         moment = self.elapsed()
         self.tally.errors.append(f"+{moment:.3f}s {window.proxy} {window.fault}: {problem}")
         self.reporter.step("error", moment, window.proxy, window.fault, command, problem,
-                           error=problem)
+                           name=window.name, error=problem)
 
     # -- must_fire -------------------------------------------------------------------------
 
@@ -193,7 +205,8 @@ class Runner:
                     holding = True
                     self.clock.hold()
                     self.reporter.step("waiting", self.elapsed(), window.proxy, window.fault,
-                                       window.command, "not fired yet: scenario clock held")
+                                       window.command, "not fired yet: scenario clock held",
+                                       name=window.name)
                 if now >= deadline:
                     self._error(window, window.command,
                                 f"did not fire within {window.must_fire:g}s of being armed")
@@ -207,25 +220,26 @@ class Runner:
                 self.clock.release()
 
     async def _fired(self, window: Window) -> bool:
-        """Ask the proxy once: True when the rule in force, this arming's (nothing else
-        sends this proxy conn.* commands meanwhile), acted on a frame, or when the proxy
-        cannot say (an error: nothing more can be seen)."""
+        """Ask the proxy once: True when this arming's fault fired (its own count in
+        `faults.list()`, whatever other faults do), or when the proxy cannot say (an error,
+        or the fault is gone: nothing more can be seen)."""
         try:
-            status = await self._call(self.clients[window.proxy].status)
+            listed = await self._call(window.proxy, self.clients[window.proxy].faults)
         except WirefaultError as exc:
-            self._error(window, STATUS, str(exc))
+            self._error(window, LIST_FAULTS, str(exc))
             return True
-        frames = status.get("fired")
-        if frames is None:  # a proxy from before the count: it would never look fired
-            self._error(window, STATUS, "the proxy does not count fired frames (no fired= "
-                                        "in its reply): it is too old for must_fire")
+        fault = next((info for info in listed if info.name == window.name), None)
+        if fault is None:  # removed behind the run's back (conn.* or faults.* by hand)
+            self._error(window, LIST_FAULTS, f"fault {window.name} is no longer on the "
+                                             f"proxy: it can no longer be seen firing")
             return True
-        if frames < 1:
+        if fault.fired < 1:
             return False
         self.tally.note_fired(window.proxy)
+        frames = fault.fired
         self.reporter.step("fired", self.elapsed(), window.proxy, window.fault, window.command,
                            f"acted on {frames} frame{'' if frames == 1 else 's'}",
-                           frames=frames)
+                           name=window.name, frames=frames)
         return True
 
     # -- the end ---------------------------------------------------------------------------

@@ -10,7 +10,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .chaos_scenario import ALLOW
 from .chaos_schedule import Schedule, Window
 
 EXIT_PASS = 0
@@ -101,8 +100,6 @@ class Reporter:
 
 def window_note(window: Window) -> str:
     notes = []
-    if window.postponed:
-        notes.append(f"postponed {window.postponed:g}s")
     if window.cut:
         notes.append("cut at duration")
     if window.must_fire is not None:
@@ -120,16 +117,15 @@ def print_schedule(schedule: Schedule, reporter: Reporter) -> None:
                    key=lambda step: step[:3])
     for _, arming, _, window in steps:
         if arming:
-            extra = {"planned": window.planned, "disarm": window.disarm,
-                     "postponed": window.postponed, "cut": window.cut,
-                     "must_fire": window.must_fire}
+            extra = {"disarm": window.disarm, "cut": window.cut, "must_fire": window.must_fire}
             reporter.step("armed", window.arm, window.proxy, window.fault, window.command,
-                          window_note(window), **extra)
+                          window_note(window), name=window.name, **extra)
         else:
-            reporter.step("disarmed", window.disarm, window.proxy, window.fault, ALLOW)
+            reporter.step("disarmed", window.disarm, window.proxy, window.fault,
+                          window.lift_command, name=window.name)
     for window in schedule.dropped:
         reporter.step("dropped", window.arm, window.proxy, window.fault, window.command,
-                      "no room before duration", planned=window.planned)
+                      "no room before duration", name=window.name)
 
 
 def print_summary(schedule: Schedule, tally: Tally, reporter: Reporter) -> None:

@@ -13,14 +13,15 @@ A scenario (YAML; unknown keys are errors, reported with file, line and key):
     faults:                        # required, non-empty
       - name: kill-on-notify       # optional (default fault1, fault2...), unique
         proxy: source_link         # required: one of the proxies
-        command: conn.onNotify().kill()   # required: a conn.* rule, not allow()
-        armed: 0.5                 # required seconds before conn.allow() restores
+        command: conn.onNotify().kill()   # required: a conn.* rule, not allow(); armed as
+                                   #   faults.add("kill-on-notify:N").onNotify().kill()
+        armed: 0.5                 # required seconds before faults.remove(...) lifts it
         every: [1.0, 3.0]          # optional seconds between armings: fixed or [min, max]
         start_after: 2             # optional first arming (default: one `every` draw;
                                    #   0 for a fault without `every`, armed once)
         times: 3                   # optional cap on armings (needs `every`)
         must_fire: 10              # optional seconds (>= armed): each arming must fire
-                                   #   (the proxy act on a frame) within this long,
+                                   #   (its fault act on a frame) within this long,
                                    #   staying armed until it did; see chaos
     checks:                        # optional, run in order once the faults are over
       - name: output intact        # optional

@@ -1,10 +1,11 @@
 """The seeded schedule of a `wirefault chaos` run, computed before anything is armed.
 
 Each fault draws its intervals from its own `random.Random(f"{seed}/{name}")`, so adding a
-fault leaves the others' times alone. A proxy holds one rule at a time, so faults on the
-same proxy never overlap: when a window would start while another is armed on that proxy,
-it is postponed until that one is lifted (shown as "postponed"); a window cannot outlast
-`duration` (cut short there), and one that cannot start before `duration` is dropped.
+fault leaves the others' times alone. Every arming is a named fault on its proxy
+(`faults.add("<name>")...`, lifted with `faults.remove("<name>")`), so windows on one proxy
+may overlap: each is armed at its own time, whatever else is in force there. A window
+cannot outlast `duration` (cut short there), and one that cannot start before `duration` is
+dropped.
 
 The run arms each window at its `arm` time on the scenario clock, which a must-fire wait
 stops (see `chaos_clock`), and lifts it `disarm - arm` real seconds later.
@@ -13,10 +14,16 @@ stops (see `chaos_clock`), and lifts it `disarm - arm` real seconds later.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .builder import fault_command, render_literal
 from .chaos_scenario import FaultSpec, Scenario
+
+NAME_BASE_CHARS = 48
+"""Room left in a fault name (64 characters) for ":<arming>" and a disambiguating suffix."""
+_NOT_IN_NAMES = re.compile(r"[^A-Za-z0-9_.:-]")
 
 
 @dataclass(frozen=True)
@@ -26,17 +33,24 @@ class Window:
     proxy: str
     fault: str
     command: str
-    planned: float
+    """The scenario's command, as written (`conn.onQuery().kill()`)."""
     arm: float
     disarm: float
+    name: str
+    """The fault's name on the proxy, unique in the run: `<fault>:<arming number>`."""
     cut: bool = False
     """True when `duration` cut the window short."""
     must_fire: float | None = None
     """The fault's `must_fire`: the window stays armed past `disarm` until it fired."""
 
     @property
-    def postponed(self) -> float:
-        return round(self.arm - self.planned, 3)
+    def arm_command(self) -> str:
+        """What arms it: the scenario's rule as a named fault, `faults.add(name)...`."""
+        return fault_command(self.name, self.command)
+
+    @property
+    def lift_command(self) -> str:
+        return f"faults.remove({render_literal(self.name)})"
 
 
 @dataclass(frozen=True)
@@ -62,25 +76,41 @@ def _arm_times(fault: FaultSpec, rng: random.Random, duration: float) -> Iterato
         moment += fault.every.draw(rng)
 
 
+def fault_name_bases(faults: tuple[FaultSpec, ...]) -> dict[str, str]:
+    """Scenario fault name -> the start of its names on the proxies: the scenario's name
+    with characters a fault name cannot hold replaced by '_', cut to NAME_BASE_CHARS, and
+    made unique (with `.<position>`) when two faults would otherwise share it."""
+    bases: dict[str, str] = {}
+    taken: set[str] = set()
+    for position, fault in enumerate(faults, 1):
+        base = _NOT_IN_NAMES.sub("_", fault.name)[:NAME_BASE_CHARS]
+        if not base[0].isalnum():  # names start with a letter or digit
+            base = "f" + base[:NAME_BASE_CHARS - 1]
+        unique, suffix = base, position
+        while unique in taken:
+            unique = f"{base[:NAME_BASE_CHARS - 7]}.{suffix}"
+            suffix += len(faults)
+        taken.add(unique)
+        base = unique
+        bases[fault.name] = base
+    return bases
+
+
 def build_schedule(scenario: Scenario, seed: int | None = None) -> Schedule:
     """Every window of the run, in arming order; the same seed gives the same schedule."""
     seed = scenario.seed if seed is None else seed
-    planned: list[tuple[float, int, FaultSpec]] = []
+    bases = fault_name_bases(scenario.faults)
+    planned: list[tuple[float, int, int, FaultSpec]] = []
     for order, fault in enumerate(scenario.faults):
         rng = random.Random(f"{seed}/{fault.name}")
-        planned += [(round(t, 3), order, fault)
-                    for t in _arm_times(fault, rng, scenario.duration)]
+        planned += [(round(t, 3), order, arming, fault) for arming, t in
+                    enumerate(_arm_times(fault, rng, scenario.duration), 1)]
     windows: list[Window] = []
     dropped: list[Window] = []
-    free_at = dict.fromkeys(scenario.proxies, 0.0)
-    for moment, _, fault in sorted(planned, key=lambda item: item[:2]):
-        arm = max(moment, free_at[fault.proxy])
-        end = round(arm + fault.armed, 3)
-        window = Window(fault.proxy, fault.name, fault.command, moment, arm,
-                        min(end, scenario.duration), end > scenario.duration, fault.must_fire)
-        if arm >= scenario.duration:
-            dropped.append(window)
-            continue
-        windows.append(window)
-        free_at[fault.proxy] = window.disarm
+    for moment, _, arming, fault in sorted(planned, key=lambda item: item[:2]):
+        end = round(moment + fault.armed, 3)
+        window = Window(fault.proxy, fault.name, fault.command, moment,
+                        min(end, scenario.duration), f"{bases[fault.name]}:{arming}",
+                        end > scenario.duration, fault.must_fire)
+        (dropped if moment >= scenario.duration else windows).append(window)
     return Schedule(seed, scenario.duration, tuple(windows), tuple(dropped))

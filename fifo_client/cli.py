@@ -1,13 +1,19 @@
 """The `wirefault` command line.
 
     wirefault send 'conn.onQuery(query="^COMMIT").kill()'   # exit 1 if rejected
+    wirefault faults add slow 'onQuery(query="^SELECT").delay(200)'
+    wirefault faults list [--json]
+    wirefault faults remove slow
+    wirefault faults clear
+    wirefault status [--json]                                # status line and faults table
     wirefault dump --format json
     wirefault reset
     wirefault wait-ready --timeout 30                        # exit 2 if no proxy answers
     wirefault proxy --listen 9060 --upstream localhost:5432 --fifo /tmp/wf.fifo
 
 Exit status: 0 on success, 1 when the proxy rejects the command (its message on stderr),
-2 when no proxy answers on the FIFO (or the command line is wrong).
+or there is no fault of that name to remove, 2 when no proxy answers on the FIFO (or the
+command line is wrong).
 
 `proxy` and `chaos` are handed to their own modules, imported only then, so the client
 commands never import mitmproxy.
@@ -21,7 +27,15 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from .client import DEFAULT_TIMEOUT, FaultProxy, TrafficRow, copy_escape, format_copy
+from .client import (
+    DEFAULT_TIMEOUT,
+    FaultInfo,
+    FaultProxy,
+    TrafficRow,
+    copy_escape,
+    format_copy,
+    format_timestamp,
+)
 from .errors import CommandError, ProxyUnavailable, WirefaultError
 
 FIFO_ENV = "WIREFAULT_FIFO"
@@ -43,6 +57,28 @@ _EXAMPLES = {
     "allow": """example:
   wirefault allow --fifo /tmp/wf.fifo
 """,
+    "faults add": """example:
+  wirefault faults add --fifo /tmp/wf.fifo commit-kill 'onQuery(query="^COMMIT").kill()'
+  wirefault faults add --fifo /tmp/wf.fifo slow '.onQuery().delay(100, jitter=50)' --seed 7
+  wirefault faults add --fifo /tmp/wf.fifo flaky 'conn.onQuery().probability(0.1).reset()'
+
+The chain may start with conn, with the dot or with the first step; - reads it from
+standard input. A fault of the same name is replaced.
+""",
+    "faults list": """example:
+  wirefault faults list --fifo /tmp/wf.fifo
+  wirefault faults list --fifo /tmp/wf.fifo --json
+""",
+    "faults remove": """example:
+  wirefault faults remove --fifo /tmp/wf.fifo commit-kill   # exit 1 if there is none
+""",
+    "faults clear": """example:
+  wirefault faults clear --fifo /tmp/wf.fifo
+""",
+    "status": """example:
+  wirefault status --fifo /tmp/wf.fifo
+  wirefault status --fifo /tmp/wf.fifo --json
+""",
     "wait-ready": """example:
   wirefault proxy --listen 9060 --upstream localhost:5432 --fifo /tmp/wf.fifo &
   wirefault wait-ready --fifo /tmp/wf.fifo --timeout 30 && run_the_suite
@@ -53,9 +89,12 @@ MAIN_EPILOG = f"""example:
   wirefault proxy --listen 9060 --upstream localhost:5432 --fifo /tmp/wf.fifo &
   export {FIFO_ENV}=/tmp/wf.fifo
   wirefault send 'conn.onQuery(query="^COMMIT").kill()'
+  wirefault faults add slow 'onQuery().delay(100)'
+  wirefault status
   wirefault dump
 
-exit status: 0 success, 1 command rejected by the proxy, 2 no proxy answered
+exit status: 0 success, 1 command rejected by the proxy (or no fault of that name),
+2 no proxy answered
 """
 
 
@@ -89,7 +128,8 @@ def _send(proxy: FaultProxy, args: argparse.Namespace) -> int:
 
 
 def _read_stdin_command() -> str:
-    """`wirefault send -`: the command from standard input (too long for an argument)."""
+    """`wirefault send -`, `faults add NAME -`: the command from standard input (too long
+    for an argument)."""
     data = sys.stdin.buffer.read()
     try:
         return data.decode("utf-8")
@@ -117,6 +157,68 @@ def _reset(proxy: FaultProxy, args: argparse.Namespace) -> int:
 def _allow(proxy: FaultProxy, args: argparse.Namespace) -> int:
     proxy.allow()
     return EXIT_OK
+
+
+def _faults_add(proxy: FaultProxy, args: argparse.Namespace) -> int:
+    chain = _read_stdin_command() if args.chain == "-" else args.chain
+    proxy.add_fault(args.name, chain, args.seed)
+    return EXIT_OK
+
+
+def _faults_list(proxy: FaultProxy, args: argparse.Namespace) -> int:
+    infos = proxy.faults()
+    if args.json:
+        sys.stdout.write(json.dumps([fault_json(info) for info in infos], ensure_ascii=False,
+                                    indent=1) + "\n")
+    else:
+        sys.stdout.write(format_faults(infos))
+    return EXIT_OK
+
+
+def _faults_remove(proxy: FaultProxy, args: argparse.Namespace) -> int:
+    proxy.remove_fault(args.name)
+    return EXIT_OK
+
+
+def _faults_clear(proxy: FaultProxy, args: argparse.Namespace) -> int:
+    proxy.clear_faults()
+    return EXIT_OK
+
+
+def _status(proxy: FaultProxy, args: argparse.Namespace) -> int:
+    # Two exchanges, so a fault may come or go between them: `faults=` is the proxy's own
+    # count at the first, the table what the second found.
+    status = proxy.status()
+    infos = proxy.faults()
+    if args.json:
+        data = {"status": status, "faults": [fault_json(info) for info in infos]}
+        sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=1) + "\n")
+        return EXIT_OK
+    line = " ".join(f"{key}={value}" for key, value in status.items())
+    table = format_faults(infos)
+    sys.stdout.write(line + "\n" + ("\n" + table if table else ""))
+    return EXIT_OK
+
+
+def fault_json(info: FaultInfo) -> dict[str, object]:
+    return {"name": info.name, "matched": info.matched, "fired": info.fired,
+            "added": format_timestamp(info.added), "state": info.state,
+            "command": info.command}
+
+
+def format_faults(infos: list[FaultInfo]) -> str:
+    """Aligned columns, one fault per line, numbers on the right; '' without faults."""
+    if not infos:
+        return ""
+    table = [("name", "state", "matched", "fired", "added", "command")]
+    table += [(info.name, info.state, str(info.matched), str(info.fired),
+               format_timestamp(info.added), info.command) for info in infos]
+    widths = [max(len(line[column]) for line in table) for column in range(5)]
+    lines = []
+    for name, state, matched, fired, added, command in table:
+        lines.append(f"{name:<{widths[0]}}  {state:<{widths[1]}}  {matched:>{widths[2]}}  "
+                     f"{fired:>{widths[3]}}  {added:<{widths[4]}}  {command}".rstrip())
+    return "\n".join(lines) + "\n"
 
 
 def format_table(rows: list[TrafficRow]) -> str:
@@ -178,11 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     common = _connection_options()
 
     def add(name: str, run: Callable[[FaultProxy, argparse.Namespace], int],
-            help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, parents=[common], help=help_text,
-                                  description=help_text + ".", epilog=_EXAMPLES[name],
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-        sub.set_defaults(run=run)
+            help_text: str, group: argparse._SubParsersAction | None = None,
+            label: str | None = None) -> argparse.ArgumentParser:
+        label = label or name
+        sub = (group or commands).add_parser(
+            name, parents=[common], help=help_text, description=help_text + ".",
+            epilog=_EXAMPLES[label], formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.set_defaults(run=run, label=label)
         return sub
 
     add("send", _send, "send one command and print any reply").add_argument(
@@ -192,7 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", choices=list(FORMATTERS), default="table",
         help="table (default), copy (PostgreSQL COPY text rows) or json")
     add("reset", _reset, "forget the recorded traffic (recorder.reset())")
-    add("allow", _allow, "let all traffic through again (conn.allow())")
+    add("allow", _allow, "let all traffic through again (conn.allow(): removes every fault)")
+    _add_faults_commands(commands, add)
+    add("status", _status, "print the proxy's status line and the faults in force").add_argument(
+        "--json", action="store_true", help="one JSON object: status and faults")
     add("wait-ready", _wait_ready,
         "wait until a proxy answers on the FIFO (exit 0), or the timeout passes (exit 2)")
     commands.add_parser("proxy", add_help=False,
@@ -200,6 +307,33 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("chaos", add_help=False,
                         help="run a chaos scenario (wirefault chaos --help)")
     return parser
+
+
+def _add_faults_commands(commands: argparse._SubParsersAction,
+                         add: Callable[..., argparse.ArgumentParser]) -> None:
+    """`wirefault faults add|list|remove|clear`: named faults, several in force at once."""
+    faults = commands.add_parser(
+        "faults", help="add, list, remove or clear named faults",
+        description="Named faults: several are in force at once, each added, replaced or "
+                    "removed by its name.",
+        epilog="wirefault faults COMMAND --help shows each command's options and an example.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = faults.add_subparsers(dest="faults_command", metavar="COMMAND", required=True)
+    sub = add("add", _faults_add, "add a named fault, or replace the fault of that name",
+              group, "faults add")
+    sub.add_argument("name", metavar="NAME",
+                     help="a letter or digit, then up to 63 letters, digits, '_', '.', ':', '-'")
+    sub.add_argument("chain", metavar="CHAIN",
+                     help='its steps and action, e.g. onQuery(query="^COMMIT").kill() (a '
+                          'leading conn or dot is fine); - reads it from standard input')
+    sub.add_argument("--seed", type=int, metavar="N",
+                     help="seed its random choices (probability, jitter) for a repeatable run")
+    add("list", _faults_list, "print the faults in force, in the order they were added",
+        group, "faults list").add_argument("--json", action="store_true",
+                                           help="a JSON list instead of a table")
+    add("remove", _faults_remove, "remove the fault of that name (exit 1 if there is none)",
+        group, "faults remove").add_argument("name", metavar="NAME")
+    add("clear", _faults_clear, "remove every fault", group, "faults clear")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -213,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, or a usage error already printed
         return exit_.code if isinstance(exit_.code, int) else EXIT_UNAVAILABLE
     if not args.fifo:
-        print(f"wirefault {args.subcommand}: no FIFO: give --fifo PATH or set {FIFO_ENV}",
+        print(f"wirefault {args.label}: no FIFO: give --fifo PATH or set {FIFO_ENV}",
               file=sys.stderr)
         return EXIT_UNAVAILABLE
     return _run(args)
@@ -224,13 +358,13 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return args.run(proxy, args)
     except CommandError as exc:
-        print(f"wirefault {args.subcommand}: {exc}", file=sys.stderr)
+        print(f"wirefault {args.label}: {exc}", file=sys.stderr)
         return EXIT_REJECTED
     except ProxyUnavailable as exc:
-        print(f"wirefault {args.subcommand}: {exc}", file=sys.stderr)
+        print(f"wirefault {args.label}: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except WirefaultError as exc:  # e.g. the path is no FIFO
-        print(f"wirefault {args.subcommand}: {exc}", file=sys.stderr)
+        print(f"wirefault {args.label}: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
 
 

@@ -4,6 +4,9 @@
     >>> proxy = FaultProxy("/tmp/wirefault.fifo")                      # doctest: +SKIP
     >>> with proxy.fault(conn.onQuery(query="^COMMIT").kill()):        # doctest: +SKIP
     ...     run_the_transaction_and_watch_it_fail()
+    >>> proxy.add_fault("slow", 'onQuery(query="^SELECT").delay(200)')  # doctest: +SKIP
+    >>> [(f.name, f.fired, f.state) for f in proxy.faults()]           # doctest: +SKIP
+    [('slow', 3, 'active')]
     >>> proxy.dump()[:1]                                               # doctest: +SKIP
     [TrafficRow(conn=0, source='coordinator', message='Query(query=BEGIN)')]
 
@@ -19,9 +22,10 @@ import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from . import transport
-from .builder import Command, command_text
+from .builder import Command, check_fault_name, command_text, fault_command, render_literal
 from .errors import CommandError, WirefaultError
 
 DEFAULT_TIMEOUT = 10.0
@@ -30,6 +34,8 @@ RESET = "recorder.reset()"
 ALLOW = "conn.allow()"
 PING = "proxy.ping()"
 STATUS = "proxy.status()"
+LIST_FAULTS = "faults.list()"
+CLEAR_FAULTS = "faults.clear()"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +50,23 @@ class TrafficRow:
     conn: int
     source: str
     message: str
+
+
+@dataclass(frozen=True, slots=True)
+class FaultInfo:
+    """One fault in force on the proxy, as `faults.list()` reports it.
+
+    `matched`: frames that reached its action; `fired`: times it acted; `added`: when it
+    was added (UTC, millisecond precision); `state`: `active`, or `spent` once `times(n)`
+    is used up; `command`: its whole `faults.add(...)` command.
+    """
+
+    name: str
+    matched: int
+    fired: int
+    added: datetime
+    state: str
+    command: str
 
 
 class FaultProxy:
@@ -82,19 +105,46 @@ class FaultProxy:
         return reply
 
     def allow(self) -> None:
-        """Let all traffic through again (`conn.allow()`)."""
+        """Let all traffic through again (`conn.allow()`, which removes every fault)."""
         self.send(ALLOW)
+
+    def add_fault(self, name: str, chain: str | Command, seed: int | None = None) -> None:
+        """Add (or replace) the fault `name`: `faults.add(name).<chain>`.
+
+        `chain` is a builder (`conn.onQuery().kill()`, or `faults.add(name)...` itself) or
+        text: `conn.onQuery().kill()`, `.onQuery().kill()` or `onQuery().kill()`. `seed`
+        seeds its random steps (`probability`, `connectionProbability`, `delay` jitter).
+        `CommandError` with the proxy's message when it refuses the fault.
+
+        >>> proxy.add_fault("commit-kill", conn.onQuery(query="^COMMIT").kill())  # doctest: +SKIP
+        """
+        self.send(fault_command(name, chain, seed))
+
+    def remove_fault(self, name: str) -> None:
+        """Remove the fault `name` (`faults.remove(name)`); `CommandError` if there is none."""
+        self.send(f"faults.remove({render_literal(check_fault_name(name))})")
+
+    def clear_faults(self) -> None:
+        """Remove every fault (`faults.clear()`)."""
+        self.send(CLEAR_FAULTS)
+
+    def faults(self) -> list[FaultInfo]:
+        """The faults in force, in the order they were added (`faults.list()`).
+
+        >>> [(f.name, f.matched, f.fired, f.state) for f in proxy.faults()]  # doctest: +SKIP
+        [('slow', 12, 3, 'active')]
+        """
+        return parse_faults(self._exchange(LIST_FAULTS))
 
     def status(self) -> dict[str, int]:
         """What the proxy holds (`proxy.status()`): `connections` it relays, mitmproxy's
-        `handlers`, the event loop's `tasks`, and the frames the rule in force `fired` on.
+        `handlers`, the event loop's `tasks`, `fired` (how many times any fault fired since
+        the proxy started) and `faults` (how many are in force).
 
         >>> proxy.status()                                               # doctest: +SKIP
-        {'connections': 0, 'handlers': 0, 'tasks': 4, 'fired': 0}
+        {'connections': 0, 'handlers': 0, 'tasks': 4, 'fired': 0, 'faults': 0}
         """
-        reply = self.send(STATUS)
-        return {key: int(value) for key, value in
-                (item.split("=", 1) for item in reply.split())}
+        return parse_status(self._exchange(STATUS))
 
     def wait_ready(self) -> None:
         """Return once a proxy answers on the FIFO (`proxy.ping()`, which changes nothing);
@@ -117,25 +167,37 @@ class FaultProxy:
         return parse_dump(self._exchange(DUMP))
 
     @contextlib.contextmanager
-    def fault(self, command: str | Command) -> Iterator[None]:
-        """Apply a rule for the duration of a `with` block, then `conn.allow()`.
+    def fault(self, command: str | Command, name: str | None = None) -> Iterator[None]:
+        """Apply a rule for the duration of a `with` block, then `conn.allow()`; with
+        `name`, add it as that named fault instead (`add_fault`) and remove just that one
+        afterwards, leaving other faults alone.
 
-        The rule is lifted even when the block raises; if lifting it fails too, the
+        The fault is lifted even when the block raises; if lifting it fails too, the
         block's exception propagates with a note saying so.
 
         >>> with proxy.fault(conn.onQuery(query="^COMMIT").kill()):    # doctest: +SKIP
         ...     cursor.execute("COMMIT")
+        >>> with proxy.fault("onQuery().delay(100)", name="slow"):     # doctest: +SKIP
+        ...     cursor.execute("SELECT 1")
         """
-        self.send(command)
+        if name is None:
+            self.send(command)
+            lift, lifting = self.allow, ALLOW
+        else:
+            self.add_fault(name, command)
+            lifting = f"faults.remove({render_literal(name)})"
+
+            def lift() -> None:
+                self.remove_fault(name)
         try:
             yield
         except BaseException as exc:
             try:
-                self.allow()
+                lift()
             except WirefaultError as restore_error:
-                exc.add_note(f"wirefault: could not restore conn.allow(): {restore_error}")
+                exc.add_note(f"wirefault: could not restore {lifting}: {restore_error}")
             raise
-        self.allow()
+        lift()
 
     def _exchange(self, text: str) -> str:
         deadline = transport.Deadline(self.timeout)
@@ -150,7 +212,8 @@ def _strip_final_newline(text: str) -> str:
 
 
 def _is_dump(text: str) -> bool:
-    """Whether the command's reply is data (not an error): recorder.dump(), proxy.status()."""
+    """Whether the command's reply is data (not an error): recorder.dump(), proxy.status(),
+    faults.list()."""
     from wirefault.proxy import dsl
 
     try:
@@ -158,7 +221,90 @@ def _is_dump(text: str) -> bool:
     except dsl.CommandError:
         return False
     return (isinstance(parsed, dsl.RecorderCommand) and parsed.name == "dump") or \
-        (isinstance(parsed, dsl.ProxyCommand) and parsed.name == "status")
+        (isinstance(parsed, dsl.ProxyCommand) and parsed.name == "status") or \
+        (isinstance(parsed, dsl.FaultCommand) and parsed.op == "list")
+
+
+# -- faults.list() and proxy.status() ----------------------------------------------------------
+
+_FAULT_FIELDS = ("name", "matched", "fired", "added", "state")
+_LAST_FIELD = "command="
+
+
+def parse_faults(reply: str) -> list[FaultInfo]:
+    """Parse `faults.list()`'s reply: one line per fault, space-separated `key=value`,
+    `command=` last (its value runs to the end of the line). Keys it does not know are
+    skipped, so a newer proxy may say more.
+
+    >>> parse_faults('name=slow matched=12 fired=3 added=2026-12-02T01:02:03.456Z '
+    ...              'state=active command=faults.add("slow").onQuery().delay(50)')[0].fired
+    3
+    >>> parse_faults("")
+    []
+    """
+    lines = reply.split("\n") if reply else []
+    infos = []
+    for line in lines:
+        info = _fault_line(line)
+        if info is None:
+            if len(lines) == 1:  # a single line that is no fault: the proxy's error
+                raise CommandError(line, LIST_FAULTS)
+            raise WirefaultError(f"unexpected line in the reply to {LIST_FAULTS}: {line!r}")
+        infos.append(info)
+    return infos
+
+
+def _fault_line(line: str) -> FaultInfo | None:
+    head, separator, command = line.partition(_LAST_FIELD)
+    # `command=` must start a field: at the line's start or after a space.
+    if not separator or (head and not head.endswith(" ")):
+        return None
+    fields: dict[str, str] = {}
+    for item in head.split():
+        key, equals, value = item.partition("=")
+        if not equals:
+            return None
+        fields[key] = value
+    if any(key not in fields for key in _FAULT_FIELDS):
+        return None
+    matched, fired = fields["matched"], fields["fired"]
+    added = _utc_timestamp(fields["added"])
+    if not (matched.isdigit() and fired.isdigit()) or added is None:
+        return None
+    return FaultInfo(fields["name"], int(matched), int(fired), added, fields["state"], command)
+
+
+def _utc_timestamp(text: str) -> datetime | None:
+    if not text.endswith("Z"):
+        return None
+    try:
+        moment = datetime.fromisoformat(text[:-1])
+    except ValueError:
+        return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else None
+
+
+def format_timestamp(moment: datetime) -> str:
+    """`added` as the proxy writes it: `2026-12-02T01:02:03.456Z`."""
+    utc = moment.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+def parse_status(reply: str) -> dict[str, int]:
+    """Parse `proxy.status()`'s reply, `connections=N handlers=N ...`, in its order.
+
+    >>> parse_status("connections=1 handlers=1 tasks=5 fired=2 faults=1")["faults"]
+    1
+    """
+    status: dict[str, int] = {}
+    for item in reply.split():
+        key, equals, value = item.partition("=")
+        if not (key and equals and re.fullmatch(r"-?\d+", value)):
+            raise CommandError(reply, STATUS)  # not a status line: the proxy's error
+        status[key] = int(value)
+    if not status:
+        raise WirefaultError(f"empty reply to {STATUS}")
+    return status
 
 
 # -- COPY text format -----------------------------------------------------------------------
@@ -220,10 +366,14 @@ def format_copy(rows: list[TrafficRow]) -> str:
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "FaultInfo",
     "FaultProxy",
     "TrafficRow",
     "copy_escape",
     "copy_unescape",
     "format_copy",
+    "format_timestamp",
     "parse_dump",
+    "parse_faults",
+    "parse_status",
 ]

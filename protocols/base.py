@@ -362,6 +362,53 @@ class Session(Protocol):
     """Frames bytes sent by the server."""
 
 
+@dataclass(frozen=True, slots=True)
+class ErrorPlan:
+    """How a connection answers an injected error (the `error()` fault), from its agent."""
+
+    to_server: bytes
+    """Sent upstream in place of the triggering frame (b"": nothing)."""
+    to_client: bytes
+    """Sent to the client at once (b"": nothing)."""
+    close: bool
+    """Close the connection once `to_client` is written."""
+
+
+class ConnectionAgent(Protocol):
+    """Per-connection protocol state the fault engine needs beyond framing: the startup
+    parameters (`where()`), derived fields (the query a PostgreSQL Execute runs), and the
+    replies a protocol-level fault sends (`error()`, `cancel()`). Pure: no sockets.
+
+    The proxy passes a frame to `observe` only while the flag of its direction is set, so
+    an agent that has seen what it needs costs nothing per read."""
+
+    watch_client: bool
+    watch_server: bool
+    track_statements: bool
+    """Set by the proxy when a fault filters on a derived field: keep watching the client's
+    frames that define what those fields say (PostgreSQL's Parse, Bind, Close, Query)."""
+    started: bool
+    """True once `parameters()` is final (the StartupMessage was seen, or the protocol has
+    none): `where()` can be decided."""
+
+    def observe(self, frame: Frame) -> bytes | None:
+        """Sees a frame before the faults judge it. None: forward it as it is; else the
+        bytes to forward in its place (b"": nothing), e.g. a rewritten server reply."""
+        ...
+
+    def parameters(self) -> Mapping[str, str]: ...
+
+    def derived_field(self, frame: Frame, name: str) -> str | None: ...
+
+    def error_plan(self, frame: Frame, code: str | None, message: str | None,
+                   severity: str | None) -> ErrorPlan: ...
+
+    def cancel_request(self) -> bytes | None:
+        """A whole cancel request for this connection's server session; None before the
+        server said how (PostgreSQL's BackendKeyData)."""
+        ...
+
+
 @dataclass(frozen=True)
 class ProtocolSpec:
     """A protocol as the rest of wirefault sees it."""
@@ -377,6 +424,15 @@ class ProtocolSpec:
     client_speaks_first: bool = True
     """Whether the client always sends before the server: then the upstream connection can
     wait for the client's first bytes; otherwise it is opened at once (a server's banner)."""
+    new_agent: Callable[[], ConnectionAgent] | None = None
+    """A fresh `ConnectionAgent` per connection; None: the protocol needs none."""
+    derived_fields: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Fields a filter may name beyond a message's own, by message type (their text comes
+    from the connection's agent): PostgreSQL's `query` on Bind, Execute, Describe, Close."""
+    error_parameters: tuple[str, ...] | None = None
+    """The parameters `error()` takes on this protocol; None: it cannot inject errors."""
+    cancels_backends: bool = False
+    """Whether `cancel()` without a pid can cancel the server's running work."""
 
     def message(self, name: str) -> MessageSpec:
         return self.messages[name]

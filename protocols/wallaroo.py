@@ -50,7 +50,16 @@ from construct import (
     Terminated,
 )
 
-from .base import BACKEND, FRONTEND, OPAQUE, PROTOCOL_ERROR, Frame, MessageSpec, ProtocolSpec
+from .base import (
+    BACKEND,
+    FRONTEND,
+    OPAQUE,
+    PROTOCOL_ERROR,
+    ErrorPlan,
+    Frame,
+    MessageSpec,
+    ProtocolSpec,
+)
 from .batch import FrameBatch
 
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
@@ -651,6 +660,43 @@ def raw_frame(tag: int, body: bytes = b"") -> bytes:
     return _LENGTH.pack(len(body) + 1) + bytes([tag]) + bytes(body)
 
 
+DEFAULT_ERROR_MESSAGE = "wirefault: injected error"
+
+
+class WallarooAgent:
+    """A Wallaroo connection's agent (see `base.ConnectionAgent`): the protocol has no
+    startup parameters, no derived fields and no cancel, so it never watches a frame; an
+    injected `error()` answers the client with an Error frame, which ends a Wallaroo
+    session, and closes the connection, whichever side sent the triggering frame."""
+
+    __slots__ = ("started", "track_statements", "watch_client", "watch_server")
+
+    def __init__(self) -> None:
+        self.watch_client = False
+        self.watch_server = False
+        self.track_statements = False
+        self.started = True
+
+    def observe(self, frame: Frame) -> bytes | None:
+        return None
+
+    def parameters(self) -> Mapping[str, str]:
+        return {}
+
+    def derived_field(self, frame: Frame, name: str) -> str | None:
+        return None
+
+    def error_plan(self, frame: Frame, code: str | None, message: str | None,
+                   severity: str | None) -> ErrorPlan:
+        """`code` and `severity` are not Wallaroo's: ignored (the DSL refuses them)."""
+        text = DEFAULT_ERROR_MESSAGE if message is None else message
+        return ErrorPlan(to_server=b"", to_client=MESSAGES["Error"].encode(message=text),
+                         close=True)
+
+    def cancel_request(self) -> bytes | None:
+        return None
+
+
 PROTOCOL = ProtocolSpec(
     name="wallaroo",
     messages=MESSAGES,
@@ -658,4 +704,6 @@ PROTOCOL = ProtocolSpec(
     default_max_frame=DEFAULT_MAX_FRAME,
     description="Wallaroo connector protocol (sources, sinks and their two-phase commit).",
     extra_types=(PROTOCOL_ERROR, OPAQUE),
+    new_agent=WallarooAgent,
+    error_parameters=("message",),
 )

@@ -3,7 +3,8 @@
 Options (`--set name=value` in mitmdump): `fifo` (command FIFO path), `fifo_mode` and
 `fifo_group` (for a FIFO it creates), `slug` (the rule in force at start), `protocol`
 (postgres, wallaroo or raw), `kill_grace`, `recorder_limit`, `recorder_max_bytes`,
-`source_labels`, `fifo_reply_timeout`, `max_frame`, `idle_timeout`, `fast_path`, `wirefault_flows`.
+`source_labels`, `fifo_reply_timeout`, `max_frame`, `idle_timeout`, `fast_path`, `seed`,
+`wirefault_flows`.
 
 With `--rawtcp` and a reverse target without a scheme (`--mode reverse:HOST:PORT`, as Citus's
 harness starts it), connections are relayed as raw TCP, not as the https mitmproxy assumes.
@@ -83,6 +84,9 @@ class WirefaultAddon:
         loader.add_option("fast_path", bool, True,
                           "Relay established connections straight from their sockets, "
                           "bypassing mitmproxy's per-read machinery.")
+        loader.add_option("seed", int, 0,
+                          "Seed of every fault's randomness (probability, jitter): the same "
+                          "seed and the same traffic make the same choices.")
         loader.add_option("wirefault_flows", bool, False,
                           "Also create mitmproxy TCP flows and fire tcp_* hooks (slower).")
 
@@ -91,7 +95,8 @@ class WirefaultAddon:
 
     def configure(self, updated: set[str]) -> None:
         rebuild = {"protocol", "recorder_limit", "recorder_max_bytes", "source_labels",
-                   "max_frame", "kill_grace", "wirefault_flows", "fast_path", "idle_timeout"}
+                   "max_frame", "kill_grace", "wirefault_flows", "fast_path", "idle_timeout",
+                   "seed"}
         if self.runtime is None or updated & rebuild:
             self.runtime = self._build_runtime()
         elif "slug" in updated:
@@ -148,12 +153,13 @@ class WirefaultAddon:
                 make_flows=opts.wirefault_flows,
                 fast_path=opts.fast_path,
                 idle_timeout=self._seconds("idle_timeout") or None,
+                seed=opts.seed,
                 edge=mitm_internals.MitmEdge(lambda: ctx.master.addons.get("proxyserver")),
             )
         except dsl.CommandError as exc:
             raise self.option_error("slug", exc) from None
         runtime.recorder.max_bytes = opts.recorder_max_bytes
-        logger.info("wirefault: protocol %s, rule %s", protocol.name, runtime.engine.rule.text)
+        logger.info("wirefault: protocol %s, rule %s", protocol.name, runtime.engine.rule_text)
         return runtime
 
     def _seconds(self, option: str, positive: bool = False) -> float:
@@ -241,8 +247,10 @@ class WirefaultAddon:
 
         assert self.runtime is not None
         handlers = mitm_internals.handler_count(ctx.master.addons.get("proxyserver"))
+        engine = self.runtime.engine
         return (f"connections={len(self.runtime.pause.connections)} handlers={handlers} "
-                f"tasks={len(asyncio.all_tasks())} fired={self.runtime.engine.rule.shared.fired}")
+                f"tasks={len(asyncio.all_tasks())} fired={engine.fired_total} "
+                f"faults={len(engine.faults)}")
 
     def handle_command(self, text: str) -> str:
         """The full reply to one command: "\\n" on success, the error line, or dump rows."""
@@ -260,7 +268,34 @@ class WirefaultAddon:
                 return f"{rows}\n" if rows else ""
             self.runtime.recorder.reset()
             return "\n"
+        if isinstance(parsed, dsl.FaultCommand):
+            return self._fault_command(parsed)
         self.runtime.engine.install(parsed)
+        self.runtime.faults_changed()
         logger.info("wirefault: rule %s", parsed.text)
+        return "\n"
+
+    def _fault_command(self, command: dsl.FaultCommand) -> str:
+        assert self.runtime is not None
+        engine = self.runtime.engine
+        if command.op == "list":
+            return "".join(f"{line}\n" for line in engine.listing()) or "\n"
+        if command.op == "add":
+            assert command.name is not None and command.rule is not None
+            engine.add(command.name, command.rule, command.seed)
+            logger.info("wirefault: fault %s added: %s", command.name, command.text)
+        elif command.op == "remove":
+            assert command.name is not None
+            if not engine.remove(command.name):
+                in_force = ", ".join(engine.names()) or "none"
+                error = dsl.CommandError(f"no fault named {command.name!r}; faults in force: "
+                                         f"{in_force}", command.name_column)
+                logger.warning("wirefault: rejected command %r: %s", command.text, error)
+                return f"{error}\n"
+            logger.info("wirefault: fault %s removed", command.name)
+        else:
+            engine.clear()
+            logger.info("wirefault: every fault cleared")
+        self.runtime.faults_changed()
         return "\n"
 

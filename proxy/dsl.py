@@ -1,8 +1,9 @@
 """The command language: parse `conn.onQuery(query="^COMMIT").after(2).kill()` safely.
 
-A command is one Python-like expression rooted at `conn` or `recorder`. It is parsed with
-`ast` and checked against a whitelist; nothing is ever evaluated. The result is plain data
-(`Rule` or `RecorderCommand`) for the rules engine.
+A command is one Python-like expression rooted at `conn`, `faults`, `recorder` or `proxy`.
+It is parsed with `ast` and checked against a whitelist; nothing is ever evaluated. The
+result is plain data (`Rule`, `FaultCommand`, `RecorderCommand` or `ProxyCommand`) for the
+rules engine. The vocabulary (every method and its parameters) is in `dsl_vocabulary`.
 
 Columns in errors are 1-based character positions in the command as stripped by `parse`
 (surrounding whitespace and one trailing `;` removed).
@@ -19,11 +20,33 @@ import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import NoReturn
 
 from wirefault import protocols
 from wirefault.protocols import ProtocolSpec
+from wirefault.proxy.dsl_vocabulary import (
+    ACTION_LIST,
+    ACTIONS,
+    FAULT_COMMANDS,
+    FAULT_NAME,
+    FILTER_PREFIX,
+    FILTERS,
+    MAX_PID,
+    NO_DEFAULT,
+    PROXY_COMMANDS,
+    RECORDER_COMMANDS,
+    ROOT_LIST,
+    ROOTS,
+    SEVERITIES,
+    SQLSTATE,
+    STARTUP_KEYS,
+    WHERE_KEYS,
+    MethodSpec,
+    Number,
+    Param,
+    listing,
+    signature,
+)
 
 # --- results -------------------------------------------------------------------------------
 
@@ -57,16 +80,66 @@ class After:
     count: int
 
 
-Step = MessageFilter | BytesMatch | BytesContains | After
+@dataclass(frozen=True)
+class FromSide:
+    """`fromClient()` / `fromServer()`: frames sent by that side."""
+
+    from_client: bool
+
+
+@dataclass(frozen=True)
+class Times:
+    """`times(n)`, `once()`: the fault fires at most `count` times on the proxy in total."""
+
+    count: int
+
+
+@dataclass(frozen=True)
+class Probability:
+    """`probability(p)`: each frame reaching this step passes with probability `p`."""
+
+    p: float
+
+
+@dataclass(frozen=True)
+class ConnectionProbability:
+    """`connectionProbability(p)`: decided once per connection, with probability `p`."""
+
+    p: float
+
+
+@dataclass(frozen=True)
+class Where:
+    """`where(user=regex, ...)`: connections whose startup parameters (`user`, `database`,
+    `application_name`) and client address `HOST:PORT` (`client`) all match."""
+
+    fields: tuple[tuple[str, re.Pattern[str]], ...]
+
+
+Step = (MessageFilter | BytesMatch | BytesContains | After | FromSide | Times | Probability
+        | ConnectionProbability | Where)
+
+CONNECTION_STEPS = (Where, Times, Probability, ConnectionProbability)
+"""Steps that are not frame filters: the only ones `connect_delay()` may follow."""
 
 
 @dataclass(frozen=True)
 class Action:
-    """What to do when the steps are satisfied."""
+    """What to do when the steps are satisfied.
+
+    `cancel(pid)` sets `pid`, `connect_delay(ms)` sets `delay_ms`; every other action with
+    parameters has them all in `options`, defaults filled in, in signature order."""
 
     name: str
     pid: int | None = None
     delay_ms: float | None = None
+    options: tuple[tuple[str, object], ...] = ()
+
+    def option(self, name: str, default: object = None) -> object:
+        for key, value in self.options:
+            if key == name:
+                return value
+        return default
 
 
 @dataclass(frozen=True)
@@ -76,6 +149,25 @@ class Rule:
     steps: tuple[Step, ...]
     action: Action
     text: str
+
+
+@dataclass(frozen=True)
+class FaultCommand:
+    """`faults.add("name").<steps>.<action>`, `faults.remove("name")`, `faults.clear()`,
+    `faults.list()`."""
+
+    op: str
+    """"add", "remove", "clear" or "list"."""
+    name: str | None
+    """The fault's name (add, remove)."""
+    rule: Rule | None
+    """add: the steps and action (its text is the whole command)."""
+    seed: int | None
+    """add: `seed=N`, for the fault's random choices."""
+    text: str
+    name_column: int
+    """1-based column of the name argument (0: none), for errors found when it runs, such
+    as "no fault named 'x'"."""
 
 
 @dataclass(frozen=True)
@@ -104,72 +196,12 @@ class CommandError(ValueError):
         super().__init__(f"column {column}: {self.message}")
 
 
-# --- vocabulary ----------------------------------------------------------------------------
+# --- vocabulary (dsl_vocabulary holds it) ---------------------------------------------------
 
-
-@dataclass(frozen=True)
-class Param:
-    name: str
-    description: str
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """One method of the language, for error messages, docs and client builders."""
-
-    name: str
-    params: tuple[Param, ...]
-    doc: str
-
-    @property
-    def signature(self) -> str:
-        return f"{self.name}({', '.join(p.name for p in self.params)})"
-
-
-def _vocabulary(*specs: MethodSpec) -> Mapping[str, MethodSpec]:
-    return MappingProxyType({spec.name: spec for spec in specs})
-
-
-FILTER_PREFIX = "on"
-"""`on<MessageType>(field=regex, ...)` filters on a message type of the active protocol."""
-
-FILTERS: Mapping[str, MethodSpec] = _vocabulary(
-    MethodSpec("matches", (Param("pattern", "a bytes regex searched in the raw frame"),),
-               "frames whose raw bytes match the regex"),
-    MethodSpec("contains", (Param("needle", "bytes to find in the raw frame"),),
-               "frames whose raw bytes contain the needle"),
-    MethodSpec("after", (Param("n", "how many matching frames to let through (>= 0)"),),
-               "let n frames that pass the preceding filters through first"),
-)
-
-ACTIONS: Mapping[str, MethodSpec] = _vocabulary(
-    MethodSpec("allow", (), "let traffic through (clears the rule)"),
-    MethodSpec("kill", (), "close both sides of the connection"),
-    MethodSpec("reset", (), "reset the connection (TCP RST)"),
-    MethodSpec("killall", (), "close this and every other proxied connection"),
-    MethodSpec("cancel", (Param("pid", "process id of the backend to cancel (an integer > 0)"),),
-               "send a cancel request for pid, then let the frame through"),
-    MethodSpec("connect_delay",
-               (Param("ms", "milliseconds to wait before connecting upstream (>= 0)"),),
-               "delay every new connection to the server"),
-)
-
-RECORDER_COMMANDS: Mapping[str, MethodSpec] = _vocabulary(
-    MethodSpec("dump", (), "print the recorded frames"),
-    MethodSpec("reset", (), "forget the recorded frames"),
-)
-
-PROXY_COMMANDS: Mapping[str, MethodSpec] = _vocabulary(
-    MethodSpec("ping", (), "answer (with an empty line) and change nothing"),
-    MethodSpec("status", (), "one line: the connections the proxy relays, mitmproxy's "
-                             "connection handlers, the event loop's tasks, and how many "
-                             "frames the rule in force acted on"),
-)
-
-ROOTS = ("conn", "recorder", "proxy")
-_ROOT_LIST = "'conn', 'recorder' or 'proxy'"
-_MAX_PID = 2**31 - 1  # a cancel request carries the pid as a signed 32-bit integer
-_ACTION_LIST = "allow(), kill(), reset(), killall(), cancel(pid) or connect_delay(ms)"
+_ROOT_LIST = ROOT_LIST
+_ACTION_LIST = ACTION_LIST
+_MAX_PID = MAX_PID
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def filter_names(protocol: ProtocolSpec | str) -> list[str]:
@@ -184,7 +216,7 @@ def _protocol(protocol: ProtocolSpec | str) -> ProtocolSpec:
 # --- entry point ---------------------------------------------------------------------------
 
 
-Command = Rule | RecorderCommand | ProxyCommand
+Command = Rule | RecorderCommand | ProxyCommand | FaultCommand
 
 
 def parse(text: str, protocol: ProtocolSpec | str = "postgres",
@@ -352,7 +384,15 @@ def _suggestion(word: str, candidates: Sequence[str]) -> str:
 
 # --- the checker ---------------------------------------------------------------------------
 
-_Literal = int | float | str | bytes
+_Literal = int | float | str | bytes | None
+
+
+_NUMBER_STEPS: dict[str, type[After | Times | Probability | ConnectionProbability]] = {
+    "after": After, "times": Times, "probability": Probability,
+    "connectionProbability": ConnectionProbability}
+_PLAIN_STEPS: dict[str, Step] = {
+    "fromClient": FromSide(from_client=True), "fromServer": FromSide(from_client=False),
+    "once": Times(1)}
 
 
 class _Checker:
@@ -363,12 +403,17 @@ class _Checker:
         self.source = source
         self.protocol = protocol
         self.protected_pids = protected_pids
+        self.head = "'conn'"
+        """What a chain's steps follow, for messages: 'conn' or faults.add(...)."""
 
     def fail(self, message: str, node: ast.AST) -> NoReturn:
         raise CommandError(message, self.source.node_column(node))
 
     def fail_at_name(self, message: str, link: _Link) -> NoReturn:
         raise CommandError(message, self.source.attribute_column(link.attribute))
+
+    def fail_at_end(self, message: str) -> NoReturn:
+        raise CommandError(message, len(self.source.text) + 1)
 
     # structure
 
@@ -381,6 +426,8 @@ class _Checker:
         if root_name == "proxy":
             return ProxyCommand(self.control(root_name, PROXY_COMMANDS, links),
                                 self.source.text)
+        if root_name == "faults":
+            return self.faults(links)
         return self.rule(links)
 
     def root(self, root: ast.expr) -> str:
@@ -419,48 +466,83 @@ class _Checker:
             column = self.source.attribute_column(node)
             raise CommandError(f"attribute {node.attr!r} is not allowed", column)
 
-    # recorder, proxy
+    # recorder, proxy, faults
 
     def control(self, root_name: str, vocabulary: Mapping[str, MethodSpec],
                 links: list[_Link]) -> str:
-        """The name of the one method a `recorder.*` or `proxy.*` command calls."""
+        """The name of the one method a `recorder.*`, `proxy.*` or `faults.*` command calls
+        (`faults.add` is followed by its chain, which the caller checks)."""
         names = ", ".join(spec.signature for spec in vocabulary.values())
         if not links:
-            raise CommandError(f"{root_name} needs a command: {names}",
-                               len(self.source.text) + 1)
+            self.fail_at_end(f"{root_name} needs a command: {names}")
         first = links[0]
         if first.name not in vocabulary:
             hint = _suggestion(first.name, list(vocabulary)) or f"; use {names}"
             self.fail_at_name(f"unknown {root_name} command {first.name!r}{hint}", first)
         self.bind(first, vocabulary[first.name].params)
-        if len(links) > 1:
+        if len(links) > 1 and not (root_name == "faults" and first.name == "add"):
             self.fail_at_name(f"nothing may follow {root_name}.{first.name}()", links[1])
         return first.name
 
-    # conn
+    def faults(self, links: list[_Link]) -> FaultCommand:
+        op = self.control("faults", FAULT_COMMANDS, links)
+        first = links[0]
+        arguments = self.bind(first, FAULT_COMMANDS[op].params)
+        name, column = self.fault_name(arguments["name"]) if "name" in arguments else (None, 0)
+        if op != "add":
+            return FaultCommand(op, name, None, None, self.source.text, column)
+        seed = self.number(first, FAULT_COMMANDS["add"].params[1], arguments)
+        if len(links) == 1:
+            self.fail_at_end(f"faults.add(name) must be followed by a chain ending in an "
+                             f"action: {_ACTION_LIST}")
+        self.head = "faults.add(...)"
+        rule = self.rule(links[1:])
+        return FaultCommand(op, name, rule, seed if seed is None else int(seed),
+                            self.source.text, column)
+
+    def fault_name(self, node: ast.expr) -> tuple[str, int]:
+        value = self.literal(node)
+        if not isinstance(value, str):
+            self.fail(f"a fault name is a string such as \"slow\", got {value!r}", node)
+        if not FAULT_NAME.fullmatch(value):
+            self.fail(f"bad fault name {value!r}: a name is a letter or digit, then up to 63 "
+                      f"letters, digits, '_', '.', ':' or '-'", node)
+        return value, self.source.node_column(node)
+
+    # chains: conn.* and faults.add(...).*
 
     def rule(self, links: list[_Link]) -> Rule:
         steps: list[Step] = []
         for position, link in enumerate(links):
             if link.name in ACTIONS:
-                action = self.action(link, has_filters=position > 0)
+                action = self.action(link, list(zip(steps, links, strict=False)))
                 if position + 1 < len(links):
                     self.fail_at_name(
                         f"nothing may follow the action {link.name}(); the action comes last",
                         links[position + 1])
                 return Rule(tuple(steps), action, self.source.text)
-            steps.append(self.step(link))
-        raise CommandError(f"the command must end with an action: {_ACTION_LIST}",
-                           len(self.source.text) + 1)
+            step = self.step(link)
+            self.check_single(step, steps, link)
+            steps.append(step)
+        self.fail_at_end(f"the command must end with an action: {_ACTION_LIST}")
+
+    def check_single(self, step: Step, earlier: list[Step], link: _Link) -> None:
+        """times()/once() and connectionProbability() say how a whole fault behaves: once."""
+        for kind, what in ((Times, "times(n) or once()"),
+                           (ConnectionProbability, "connectionProbability(p)")):
+            if isinstance(step, kind) and any(isinstance(s, kind) for s in earlier):
+                self.fail_at_name(f"a chain may have only one {what}", link)
 
     def step(self, link: _Link) -> Step:
         name = link.name
-        if name == "matches":
-            return self.matches(link)
-        if name == "contains":
-            return self.contains(link)
-        if name == "after":
-            return After(self.after_count(link))
+        # Checked before the `on` prefix: `once` starts with it too.
+        if name in _NUMBER_STEPS:
+            return _NUMBER_STEPS[name](self.only_number(link))
+        if name in _PLAIN_STEPS:
+            self.bind(link, ())
+            return _PLAIN_STEPS[name]
+        if name in FILTERS:
+            return getattr(self, name)(link)
         if name.startswith(FILTER_PREFIX) and len(name) > len(FILTER_PREFIX):
             return self.message_filter(link)
         self.unknown_method(link)
@@ -469,6 +551,10 @@ class _Checker:
         name = link.name
         if name in RECORDER_COMMANDS:
             self.fail_at_name(f"{name}() is a recorder command: write recorder.{name}()", link)
+        if name in FAULT_COMMANDS:
+            arguments = "..." if FAULT_COMMANDS[name].params else ""
+            self.fail_at_name(f"{name}() is a faults command: write faults.{name}({arguments})",
+                              link)
         known = [*FILTERS, *ACTIONS, *filter_names(self.protocol)]
         hint = _suggestion(name, known) or (
             f"; filters: on<MessageType>(...), {', '.join(s.signature for s in FILTERS.values())}"
@@ -488,7 +574,10 @@ class _Checker:
             example = f"{message.fields[0]}=\"regex\"" if message.fields else ""
             self.fail(f"{link.name}() takes field=regex keyword arguments only, "
                       f"e.g. {link.name}({example})", link.call.args[0])
-        fields = tuple(self.field_regex(type_name, message.fields, keyword)
+        # Derived fields (a PostgreSQL Execute's query) are filtered on like the frame's own.
+        derived = self.protocol.derived_fields.get(type_name, ())
+        known = (*message.fields, *(f for f in derived if f not in message.fields))
+        fields = tuple(self.field_regex(type_name, known, keyword)
                        for keyword in link.call.keywords)
         self.check_unique_fields(link.call.keywords)
         return MessageFilter(type_name, fields)
@@ -505,14 +594,17 @@ class _Checker:
         if keyword.arg is None:
             self.fail("'**' arguments are not allowed", keyword)
         if keyword.arg not in known:
-            listing = f"fields: {', '.join(known)}" if known else "it has no fields"
+            listing_ = f"fields: {', '.join(known)}" if known else "it has no fields"
             hint = _suggestion(keyword.arg, known)
-            hint = f"{hint} {listing}" if hint else f"; {listing}"
+            hint = f"{hint} {listing_}" if hint else f"; {listing_}"
             self.fail(f"{type_name!r} has no field {keyword.arg!r}{hint}", keyword)
+        return keyword.arg, self.regex(keyword)
+
+    def regex(self, keyword: ast.keyword) -> re.Pattern[str]:
         value = self.literal(keyword.value)
         if not isinstance(value, str):
             self.fail(f"{keyword.arg}= needs a str regex, got {value!r}", keyword.value)
-        return keyword.arg, self.compile(value, keyword.value)
+        return self.compile(value, keyword.value)
 
     def matches(self, link: _Link) -> BytesMatch:
         pattern, node = self.bytes_argument(link)
@@ -533,12 +625,32 @@ class _Checker:
             return value, node
         self.fail(f"{link.name}({param.name}) needs bytes such as b\"...\", got {value!r}", node)
 
-    def after_count(self, link: _Link) -> int:
-        node = self.bind(link, FILTERS["after"].params)["n"]
-        value = self.literal(node)
-        if not _is_int(value) or value < 0:
-            self.fail(f"after(n) needs an integer >= 0, got {value!r}", node)
-        return value
+    def where(self, link: _Link) -> Where:
+        call = link.call
+        startup = self.protocol.messages.get("StartupMessage")
+        available = [k for k in STARTUP_KEYS if startup and k in startup.fields] + ["client"]
+        keys = listing([f"{key}=" for key in available])
+        if call.args:
+            self.fail(f"where() takes key=regex keyword arguments only, e.g. "
+                      f"where({available[0]}=\"regex\")", call.args[0])
+        if not call.keywords:
+            self.fail_at_name(f"where() needs at least one of {keys}", link)
+        fields: list[tuple[str, re.Pattern[str]]] = []
+        for keyword in call.keywords:
+            key = keyword.arg
+            if key is None:
+                self.fail("'**' arguments are not allowed", keyword)
+            if key not in WHERE_KEYS:
+                hint = _suggestion(key, available)
+                self.fail(f"where() has no key {key!r}{hint}{' ' if hint else '; '}keys: "
+                          f"{', '.join(available)}", keyword)
+            if key not in available:
+                self.fail(f"protocol {self.protocol.name} has no startup parameter {key!r}; "
+                          f"where() takes only {keys} here", keyword)
+            if any(key == seen for seen, _ in fields):
+                self.fail(f"where() key {key!r} given twice", keyword)
+            fields.append((key, self.regex(keyword)))
+        return Where(tuple(fields))
 
     def compile(self, pattern: str | bytes, node: ast.AST) -> re.Pattern:
         try:
@@ -548,17 +660,90 @@ class _Checker:
 
     # actions
 
-    def action(self, link: _Link, has_filters: bool) -> Action:
-        spec = ACTIONS[link.name]
+    def action(self, link: _Link, earlier: list[tuple[Step, _Link]]) -> Action:
+        name = link.name
+        if name == "cancel":
+            return self.cancel(link)
+        if name == "error":
+            return self.error(link)
+        spec = ACTIONS[name]
         arguments = self.bind(link, spec.params)
-        if link.name == "cancel":
-            return Action("cancel", pid=self.pid(arguments["pid"]))
-        if link.name == "connect_delay":
-            if has_filters:
-                self.fail_at_name("connect_delay() applies to every new connection and must "
-                                  "come directly after 'conn', without filters", link)
-            return Action("connect_delay", delay_ms=self.delay(arguments["ms"]))
-        return Action(link.name)
+        if name == "connect_delay":
+            self.check_connection_steps(link, earlier)
+            return Action("connect_delay", delay_ms=self.number(link, spec.params[0], arguments))
+        return Action(name, options=tuple((param.name, self.number(link, param, arguments))
+                                          for param in spec.params))
+
+    def check_connection_steps(self, link: _Link, earlier: list[tuple[Step, _Link]]) -> None:
+        """connect_delay() acts before any frame exists: no frame filter can precede it."""
+        for step, step_link in earlier:
+            if not isinstance(step, CONNECTION_STEPS):
+                self.fail_at_name(
+                    f"connect_delay() applies to every new connection and must come directly "
+                    f"after {self.head}, without filters: only where(), times(), once(), "
+                    f"probability() or connectionProbability() may precede it, not "
+                    f"{step_link.name}()", link)
+
+    def cancel(self, link: _Link) -> Action:
+        """`cancel(pid)`: that process; `cancel(after_ms=100)`: this connection's server."""
+        spec = ACTIONS["cancel"]
+        keywords = {keyword.arg: keyword for keyword in link.call.keywords}
+        by_pid = bool(link.call.args) or "pid" in keywords
+        after = keywords.get("after_ms")
+        if after is not None and by_pid:
+            self.fail("cancel() takes a pid or after_ms, not both", after)
+        if by_pid or (after is None and not self.protocol.cancels_backends):
+            return Action("cancel", pid=self.pid(self.bind(link, spec.params)["pid"]))
+        if not self.protocol.cancels_backends:
+            self.fail(f"cancel() without a pid needs a protocol that can cancel the server's "
+                      f"work; this proxy's protocol {self.protocol.name} cannot", after)
+        (form,) = spec.alternatives
+        arguments = self.bind(link, form, " or ".join(spec.signatures))
+        return Action("cancel", options=(("after_ms", self.number(link, form[0], arguments)),))
+
+    def error(self, link: _Link) -> Action:
+        allowed = self.protocol.error_parameters
+        if allowed is None:
+            self.fail_at_name(f"error() needs a protocol with error messages; this proxy's "
+                              f"protocol {self.protocol.name} has none", link)
+        spec = ACTIONS["error"]
+        # The protocol's own parameters, in signature order, are the positional ones.
+        params = tuple(param for param in spec.params if param.name in allowed)
+        for keyword in link.call.keywords:
+            if keyword.arg not in allowed and any(p.name == keyword.arg for p in spec.params):
+                takes = f"only {', '.join(p.name for p in params)}" if params else "nothing"
+                self.fail(f"protocol {self.protocol.name} has no error {keyword.arg}: its "
+                          f"error() takes {takes}", keyword)
+        arguments = self.bind(link, params)
+        code, message, severity = (self.error_value(param, arguments.get(param.name))
+                                   for param in spec.params)
+        return Action("error", options=(("code", code), ("message", message),
+                                        ("severity", severity)))
+
+    def error_value(self, param: Param, node: ast.expr | None) -> str | None:
+        if node is None:
+            assert param.default is None or isinstance(param.default, str)
+            return param.default
+        value = self.literal(node, allow_none=param.default is None)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            self.fail(f"error({param.name}) needs a str, got {value!r}", node)
+        if param.name == "code" and not SQLSTATE.fullmatch(value):
+            upper = value.upper()
+            hint = f"; did you mean {upper!r}?" if SQLSTATE.fullmatch(upper) else ""
+            self.fail(f"error(code) needs a SQLSTATE: 5 digits or upper-case letters such as "
+                      f"\"57014\", got {value!r}{hint}", node)
+        if param.name == "severity" and value not in SEVERITIES:
+            self.fail(f"error(severity) must be {listing([repr(s) for s in SEVERITIES])}, "
+                      f"in upper case, got {value!r}{_suggestion(value, SEVERITIES)}", node)
+        if param.name == "message":
+            # It goes out as a NUL-terminated UTF-8 string.
+            if "\0" in value:
+                self.fail("error(message) must not contain NUL characters", node)
+            if _SURROGATE.search(value):
+                self.fail("error(message) must not contain lone surrogates", node)
+        return value
 
     def pid(self, node: ast.expr) -> int:
         value = self.literal(node)
@@ -570,45 +755,80 @@ class _Checker:
                       f"the pid of the process to cancel (e.g. pg_backend_pid())", node)
         return value
 
-    def delay(self, node: ast.expr) -> float:
-        value = self.literal(node)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            self.fail(f"connect_delay(ms) needs a number of milliseconds, got {value!r}", node)
-        if not math.isfinite(value) or value < 0:
-            self.fail(f"connect_delay(ms) needs a finite number >= 0, got {value!r}", node)
-        return float(value)
-
     # arguments
 
-    def bind(self, link: _Link, params: tuple[Param, ...]) -> dict[str, ast.expr]:
-        """Match the call's arguments to `params` (positional or by name), all required."""
+    def only_number(self, link: _Link) -> int | float:
+        """The one required numeric argument of after(n), times(n), probability(p), ..."""
+        (param,) = FILTERS[link.name].params
+        value = self.number(link, param, self.bind(link, (param,)))
+        assert value is not None
+        return value
+
+    def number(self, link: _Link, param: Param,
+               arguments: dict[str, ast.expr]) -> int | float | None:
+        """A numeric argument checked against its `Param.number` (its default when left out)."""
+        rule = param.number
+        assert rule is not None, f"{link.name}({param.name}) is not numeric"
+        label = f"{link.name}({param.name})"
+        node = arguments.get(param.name)
+        value = param.default if node is None else self.literal(
+            node, allow_none=param.default is None)
+        if value is None:
+            return None
+        at: ast.AST = node if node is not None else link.attribute
+        if rule.integer:
+            bounds = f">= {rule.low}" if rule.high is None else f"from {rule.low} to {rule.high}"
+            if not _is_int(value) or value < rule.low or (
+                    rule.high is not None and value > rule.high):
+                self.fail(f"{label} needs an integer {bounds}, got {value!r}", at)
+            return value
+        if not isinstance(value, int | float):
+            self.fail(f"{label} needs {rule.noun}, got {value!r}", at)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer literal too large for a float
+            number = math.inf
+        if not math.isfinite(number) or number < rule.low or (
+                rule.high is not None and number > rule.high):
+            bounds = (f"a finite number >= {rule.low}" if rule.high is None
+                      else f"a number from {rule.low} to {rule.high}")
+            self.fail(f"{label} needs {bounds}, got {value!r}", at)
+        return number
+
+    def bind(self, link: _Link, params: tuple[Param, ...],
+             shown: str | None = None) -> dict[str, ast.expr]:
+        """Match the call's arguments to `params` (positional or by name); a parameter
+        without a default must be given. `shown`: the signature errors name."""
         call = link.call
-        signature = f"{link.name}({', '.join(p.name for p in params)})"
+        shown = shown or signature(link.name, params)
         names = [p.name for p in params]
         bound: dict[str, ast.expr] = {}
         for index, argument in enumerate(call.args):
             if isinstance(argument, ast.Starred):
                 self.fail("'*' arguments are not allowed", argument)
             if index >= len(params):
-                self.fail(f"too many arguments: {signature} takes {_count(len(params))}",
+                at_most = "at most " if any(not p.required for p in params) else ""
+                self.fail(f"too many arguments: {shown} takes {at_most}{_count(len(params))}",
                           argument)
             bound[names[index]] = argument
         for keyword in call.keywords:
             if keyword.arg is None:
                 self.fail("'**' arguments are not allowed", keyword)
             if keyword.arg not in names:
-                self.fail(f"{signature} has no parameter {keyword.arg!r}", keyword)
+                self.fail(f"{shown} has no parameter {keyword.arg!r}", keyword)
             if keyword.arg in bound:
-                self.fail(f"{signature} got {keyword.arg!r} twice", keyword)
+                self.fail(f"{shown} got {keyword.arg!r} twice", keyword)
             bound[keyword.arg] = keyword.value
-        missing = [name for name in names if name not in bound]
+        missing = [p.name for p in params if p.required and p.name not in bound]
         if missing:
-            self.fail_at_name(f"{signature} needs {', '.join(missing)}", link)
+            self.fail_at_name(f"{shown} needs {', '.join(missing)}", link)
         return bound
 
-    def literal(self, node: ast.expr) -> _Literal:
-        """The value of an int, float, str or bytes literal (or a negated number)."""
-        if isinstance(node, ast.Constant) and _is_literal(node.value):
+    def literal(self, node: ast.expr, allow_none: bool = False) -> _Literal:
+        """The value of an int, float, str or bytes literal (or a negated number); None
+        too where that is the parameter's default (`hang(ms=None)`)."""
+        if isinstance(node, ast.Constant) and (
+                _is_literal(node.value) or (allow_none and node.value is None)):
             return node.value
         if (isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub)
                 and isinstance(node.operand, ast.Constant)
@@ -635,24 +855,44 @@ def _is_int(value: object) -> bool:
 
 __all__ = [
     "ACTIONS",
+    "ACTION_LIST",
+    "CONNECTION_STEPS",
+    "FAULT_COMMANDS",
+    "FAULT_NAME",
     "FILTERS",
     "FILTER_PREFIX",
+    "MAX_PID",
+    "NO_DEFAULT",
     "PROXY_COMMANDS",
     "RECORDER_COMMANDS",
     "ROOTS",
+    "ROOT_LIST",
+    "SEVERITIES",
+    "SQLSTATE",
+    "STARTUP_KEYS",
+    "WHERE_KEYS",
     "Action",
     "After",
     "BytesContains",
     "BytesMatch",
     "Command",
     "CommandError",
+    "ConnectionProbability",
+    "FaultCommand",
+    "FromSide",
     "MessageFilter",
     "MethodSpec",
+    "Number",
     "Param",
+    "Probability",
     "ProxyCommand",
     "RecorderCommand",
     "Rule",
     "Step",
+    "Times",
+    "Where",
     "filter_names",
+    "listing",
     "parse",
+    "signature",
 ]

@@ -1,12 +1,16 @@
 """wirefault's relay: a sans-I/O mitmproxy layer that frames, decides and forwards.
 
 Events in, commands out. Each read is framed with the connection's protocol; each frame is
-recorded and judged by the rule in force; frames that pass are forwarded (the whole read at
-once when nothing was held back), and a fault acts at the exact frame that triggered it.
-A hold (connect_delay) pauses this connection alone with a `RequestWakeup`; cancel pauses
-every connection of the proxy (proxy/pause.py), whose timer wakes each held layer. While a
-connection is held it keeps reading until its backlog holds `BACKLOG_LIMIT` bytes, then
-stops reading until the hold ends.
+recorded and judged by the faults in force; frames that pass are forwarded (the whole read
+at once when nothing was held back), and a fault acts at the exact frame that triggered it.
+
+Each direction is a `Lane` (lane.py). While a lane is free and unshaped a read goes straight
+out; otherwise its frames wait in the lane's queue, in order, and leave when the lane is
+free: a delay holds one lane (`RequestWakeup`), cancel(pid) pauses every connection of the
+proxy (proxy/pause.py, whose timer wakes each held layer), hang() holds both lanes until
+its fault is removed, throttle() paces a lane, slice() cuts a frame into pieces. A lane
+keeps reading until its queue holds `BACKLOG_LIMIT` bytes, then stops reading its source
+until the queue drains.
 
 The layer only decides: every effect on the sockets is a command, carried out in the order
 it is yielded by the connection's executor (relay_io.py), on mitmproxy's path and on the
@@ -17,7 +21,7 @@ hooks) go to mitmproxy as usual.
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections.abc import Callable
 
 from mitmproxy import tcp
 from mitmproxy.connection import Connection, ConnectionState
@@ -33,24 +37,20 @@ from mitmproxy.proxy.layers.tcp import (
 from wirefault.protocols import Frame, FrameBatch
 
 from .fast_relay import FastRelay
+from .faults import FORWARD, Verdict
 from .faults import ConnectionState as RuleState
-from .faults import Decision, Verdict
+from .lane import Closed, Held, Lane, Out
 from .recorder import RecorderSlot
-from .relay_io import EXECUTED, RelayIO, ResetConnections, SetReading
+from .relay_io import EXECUTED, RelayIO, ResetConnections, SendCancelRequest, SetReading
+from .rules import CONN_FAULT_NAME, Judgement
 from .runtime import ProxyRuntime
 
-
-class _Closed:
-    """A half-close that arrived while frames were held; replayed in order."""
-
-    __slots__ = ("connection",)
-
-    def __init__(self, connection: Connection) -> None:
-        self.connection = connection
-
+logger = logging.getLogger("wirefault")
 
 BACKLOG_LIMIT = 256 * 1024
-"""Bytes a held connection reads ahead into its backlog before it stops reading."""
+"""Bytes a lane queues before it stops reading its source."""
+
+_Commands = layer.CommandGenerator[None]
 
 
 class WirefaultLayer(layer.Layer):
@@ -60,21 +60,20 @@ class WirefaultLayer(layer.Layer):
         session = runtime.protocol.new_session(runtime.max_frame)
         self._client_framer = session.client
         self._server_framer = session.server
-        self.rule_state = RuleState()
+        self.rule_state = runtime.new_rule_state(context.client.peername)
+        self.agent = self.rule_state.agent
         self.slot = RecorderSlot()
-        self.backlog: deque[Frame | _Closed] = deque()
-        self.held_frame: Frame | None = None
-        """The frame that triggered a hold: forwarded unjudged when the hold ends."""
-        self.hold: commands.RequestWakeup | None = None
-        """This connection's own hold (connect_delay), woken by its own timer."""
+        self.up = Lane.between(context.client, context.server, True)
+        """Client to server."""
+        self.down = Lane.between(context.server, context.client, False)
+        self.timers: dict[commands.RequestWakeup, Callable[[], _Commands]] = {}
+        """What each of this layer's wakeups does when it comes."""
         self.pause_token: commands.RequestWakeup | None = None
         """Set while the proxy-wide pause holds this connection; never yielded: the pause's
         timer delivers its Wakeup (`release_from_pause`)."""
-        self.blocked = False
-        """Either hold is on: frames go to the backlog."""
-        self.backlog_bytes = 0
-        self.reading_stopped = False
-        """The backlog reached BACKLOG_LIMIT: reading waits for the hold to end."""
+        self.hung: set[int] = set()
+        """The faults whose hang() holds both lanes (until they are removed)."""
+        self.slow_close: float | None = None
         self.start_pending = False
         """The connection started during a pause: it opens its upstream when released."""
         self.grace: commands.RequestWakeup | None = None
@@ -140,8 +139,9 @@ class WirefaultLayer(layer.Layer):
         self.fast_relay = FastRelay(
             self.handle_event, self.relay_read, self.context.client, transports, self.io)
         self.fast_relay.start()
-        if self.reading_stopped:
-            self.io.set_reading(False)
+        for lane in (self.up, self.down):
+            if lane.reading_stopped:
+                self.io.set_reading(False, lane.source)
 
     def done(self, event: events.Event) -> layer.CommandGenerator[None]:
         yield from ()
@@ -151,23 +151,53 @@ class WirefaultLayer(layer.Layer):
         self.relaying = False
         self.runtime.pause.leave(self)
 
-    # -- the proxy-wide pause (proxy/pause.py) -----------------------------------------------
+    # -- events from outside the connection: the proxy-wide pause, faults changing ----------
 
     def hold_for_pause(self) -> None:
         if self.pause_token is not None or self.dead:
             return
         self.pause_token = commands.RequestWakeup(0)
-        self.blocked = True
+        self._update_lanes()
 
     def release_from_pause(self) -> None:
         token = self.pause_token
-        if token is None:
-            return
-        event = events.Wakeup(token)
+        if token is not None:
+            self.timers[token] = self._pause_ended
+            self._deliver(events.Wakeup(token))
+
+    def faults_changed(self) -> None:
+        """The faults in force changed: lift hangs whose fault is gone, and track what the
+        faults now need to see."""
+        engine = self.runtime.engine
+        if self.agent is not None and engine.tracks_statements:
+            self.agent.track_statements = True
+        if self.hung and not all(engine.in_force(uid) for uid in self.hung):
+            token = commands.RequestWakeup(0)
+            self.timers[token] = self._hang_lifted
+            self._deliver(events.Wakeup(token))
+
+    def _deliver(self, event: events.Event) -> None:
         if self.io is not None:
             self.io.deliver(event)
         else:
             self.runtime.deliver_event(self.context.client.id, event)
+
+    def _pause_ended(self) -> _Commands:
+        self.pause_token = None
+        self._update_lanes()
+        if self.dead:
+            return
+        if self.start_pending:
+            self.start_pending = False
+            yield from self._open()
+        yield from self._pump_both()
+
+    def _hang_lifted(self) -> _Commands:
+        self.hung = {uid for uid in self.hung if self.runtime.engine.in_force(uid)}
+        self._update_lanes()
+        yield from self._pump_both()
+
+    # -- events ----------------------------------------------------------------------------
 
     def relay(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, events.DataReceived):
@@ -175,21 +205,27 @@ class WirefaultLayer(layer.Layer):
         elif isinstance(event, events.ConnectionClosed):
             if self.dead:
                 yield from self._close_all()
-            elif self.blocked or self.backlog:
-                self.backlog.append(_Closed(event.connection))
+                return
+            lane = self.up if event.connection is self.context.client else self.down
+            if lane.queue or lane.slow or self.slow_close is not None:
+                lane.push_back([Closed(event.connection)])
+                yield from self._pump(lane)
             else:
                 yield from self._on_closed(event.connection)
         elif isinstance(event, events.Wakeup):
-            if event.command is self.hold:
-                self.hold = None
-                yield from self._unblocked()
-            elif event.command is self.pause_token:
-                self.pause_token = None
-                yield from self._unblocked()
+            action = self.timers.pop(event.command, None)  # type: ignore[arg-type]
+            if action is not None:
+                yield from action()
             elif event.command is self.grace:
                 yield from self._close_all()
         elif isinstance(event, TcpMessageInjected):
             yield from self._on_data(event.message.from_client, event.message.content)
+
+    def _timer(self, seconds: float, action: Callable[[], _Commands]
+               ) -> commands.RequestWakeup:
+        token = commands.RequestWakeup(seconds)
+        self.timers[token] = action
+        return token
 
     # -- data ------------------------------------------------------------------------------
 
@@ -213,105 +249,224 @@ class WirefaultLayer(layer.Layer):
         return self._frame_and_judge(from_client, data)
 
     def _frame_and_judge(self, from_client: bool, data: bytes) -> bytes | list[commands.Command]:
-        framer = self._client_framer if from_client else self._server_framer
+        if from_client:
+            framer, lane = self._client_framer, self.up
+        else:
+            framer, lane = self._server_framer, self.down
         carried = framer.buffered
         batch = framer.feed_batch(data)
-        if self.blocked or self.backlog:
-            return self._hold_back(batch, len(data))
+        agent = self.agent
+        if lane.slow or lane.queue or (agent is not None and (
+                agent.watch_client if from_client else agent.watch_server)):
+            return self._enqueue(lane, batch)
         whole = data if carried == 0 and framer.buffered == 0 else None
-        return self._judge(batch, from_client, whole)
+        return self._judge(batch, lane, whole)
 
-    def _hold_back(self, batch: FrameBatch, size: int) -> list[commands.Command]:
-        """A read while held: into the backlog; past the limit, stop reading."""
-        self.backlog.extend(batch)
-        self.backlog_bytes += size
-        if self.backlog_bytes > BACKLOG_LIMIT and not self.reading_stopped:
-            self.reading_stopped = True
-            return [SetReading(False)]
-        return []
-
-    def _judge(
-        self, batch: FrameBatch, from_client: bool, whole_read: bytes | None
-    ) -> bytes | list[commands.Command]:
-        """Decide and record the frames of one direction.
+    def _judge(self, batch: FrameBatch, lane: Lane, whole_read: bytes | None
+               ) -> bytes | list[commands.Command]:
+        """Decide and record the frames of a read on a free lane.
 
         Returns the bytes to forward when every frame passes (the read itself when it held
-        whole frames only), else the commands for the frame that triggered a fault."""
-        found = self.runtime.engine.first_fault(batch, self.rule_state, from_client)
+        whole frames only), else the commands for the frame that triggered a fault (the
+        frames after it wait in the lane, judged in turn)."""
+        found = self.runtime.engine.first_fault(batch, self.rule_state, lane.from_client)
         recorder = self.runtime.recorder
         if found is None:
             recorder.record_batch(self.slot, batch)
             if whole_read is not None:
                 return whole_read
             return batch.payload() if batch else b""
-        index, decision = found
+        index, judgement = found
         frames = batch.frames()
         recorder.record_batch(self.slot, FrameBatch(frames[:index + 1]))
-        return self._act(decision, frames, index, self._destination(from_client))
-
-    def _act(
-        self, decision: Decision, frames: list[Frame], index: int, dest: Connection
-    ) -> list[commands.Command]:
-        """Frame `index` triggered a fault: forward those before it, then act."""
         out: list[commands.Command] = []
         if index:
-            out.append(commands.SendData(dest, b"".join([f.data for f in frames[:index]])))
-        verdict = decision.verdict
-        if verdict is Verdict.FORWARD:  # a Decision equal to FORWARD but not the singleton
-            out.append(commands.SendData(dest, frames[index].data))
-            out.extend(self._as_commands(
-                self._judge(FrameBatch(frames[index + 1:]), frames[index].from_client, None),
-                dest))
-        elif verdict is Verdict.HOLD or verdict is Verdict.PAUSE_PROXY:
-            self.held_frame = frames[index]
-            self.backlog.extendleft(reversed(frames[index + 1:]))
-            self.blocked = True
-            if verdict is Verdict.HOLD:
-                self.hold = commands.RequestWakeup(decision.delay)
-                out.append(self.hold)
-            else:
-                self.runtime.pause.begin(decision.delay, self)
-        elif verdict is Verdict.KILL:
-            out.extend(self._kill(dest))
-        else:
-            out.extend(self._reset())
+            out.append(commands.SendData(lane.dest, b"".join([f.data for f in frames[:index]])))
+        trigger = frames[index]
+        out.extend(self._act(lane, trigger, judgement, trigger.data))
+        if frames[index + 1:] and not self.dead:
+            out.extend(self._enqueue(lane, frames[index + 1:]))
         return out
 
-    def _unblocked(self) -> layer.CommandGenerator[None]:
-        """A hold ended: once neither is left, start or carry on where the connection was."""
-        if self.hold or self.pause_token or self.dead:
-            return
-        self.blocked = False
-        self.backlog_bytes = 0
-        if self.reading_stopped:
-            self.reading_stopped = False
-            yield SetReading(True)
-        if self.start_pending:
-            self.start_pending = False
-            yield from self._open()
-        yield from self._release()
+    def _enqueue(self, lane: Lane, frames: FrameBatch | list[Frame]) -> list[commands.Command]:
+        """The frames wait in the lane behind what is there; past the limit, stop reading."""
+        lane.push_back(list(frames))
+        out = list(self._pump(lane))
+        if lane.queued_bytes > BACKLOG_LIMIT and not lane.reading_stopped and not self.dead:
+            lane.reading_stopped = True
+            out.append(SetReading(False, lane.source))
+        return out
 
-    def _release(self) -> layer.CommandGenerator[None]:
-        """Forward the held frame as it is, then judge the backlog until a new hold."""
-        held, self.held_frame = self.held_frame, None
-        if held is not None:
-            yield commands.SendData(self._destination(held.from_client), held.data)
-        while self.backlog and not self.blocked and not self.dead:
-            item = self.backlog.popleft()
-            if isinstance(item, _Closed):
-                yield from self._on_closed(item.connection)
+    def _blocked(self, lane: Lane) -> bool:
+        return bool(lane.hold or lane.busy or self.pause_token or self.hung)
+
+    def _update_lanes(self) -> None:
+        """A read takes the lane's queue while anything holds or shapes it."""
+        everything = bool(self.pause_token or self.hung)
+        for lane in (self.up, self.down):
+            lane.slow = everything or bool(lane.hold or lane.busy) or lane.shaped
+
+    def _pump_both(self) -> _Commands:
+        yield from self._pump(self.up)
+        yield from self._pump(self.down)
+
+    def _pump(self, lane: Lane) -> _Commands:
+        """Send what waits in the lane, in order, until it is empty or held again."""
+        queue = lane.queue
+        while queue and not self.dead and not self._blocked(lane):
+            item = queue[0]
+            kind = type(item)
+            if kind is Out:
+                yield from self._send_out(lane)
+            elif kind is Closed:
+                if self.slow_close and not item.waited:  # type: ignore[union-attr]
+                    item.waited = True  # type: ignore[union-attr]
+                    yield self._pace(lane, self.slow_close)
+                    continue
+                lane.pop()
+                yield from self._on_closed(item.connection)  # type: ignore[union-attr]
+            elif kind is Held:
+                lane.pop()
+                yield from self._finish_frame(lane, item.frame, item.judgement,  # type: ignore[union-attr]
+                                              item.data)  # type: ignore[union-attr]
             else:
-                yield from self._as_commands(
-                    self._judge(FrameBatch([item]), item.from_client, None),
-                    self._destination(item.from_client))
+                lane.pop()
+                yield from self._judge_frame(lane, item)  # type: ignore[arg-type]
+        if lane.reading_stopped and lane.queued_bytes <= BACKLOG_LIMIT // 2 and not self.dead:
+            lane.reading_stopped = False
+            yield SetReading(True, lane.source)
 
-    @staticmethod
-    def _as_commands(
-        out: bytes | list[commands.Command], dest: Connection
-    ) -> list[commands.Command]:
-        if type(out) is bytes:
-            return [commands.SendData(dest, out)] if out else []
-        return out  # type: ignore[return-value]
+    def _judge_frame(self, lane: Lane, frame: Frame) -> _Commands:
+        """One frame from the queue: the agent sees it, the faults judge it."""
+        data = frame.data
+        agent = self.agent
+        if agent is not None and (agent.watch_client if frame.from_client
+                                  else agent.watch_server):
+            replacement = agent.observe(frame)
+            if replacement is not None:
+                data = replacement
+        judgement = self.runtime.engine.judge_one(frame, self.rule_state)
+        self.runtime.recorder.record(self.slot, frame)
+        if judgement is FORWARD:
+            if data:
+                yield from self._emit(lane, data)
+        else:
+            yield from self._act(lane, frame, judgement, data)  # type: ignore[arg-type]
+
+    # -- acting on a frame -------------------------------------------------------------------
+
+    def _act(self, lane: Lane, frame: Frame, judgement: Judgement, data: bytes
+             ) -> layer.CommandGenerator[None]:
+        """The faults acted on `frame`: shape the lane, wait the holds, then end it."""
+        for name, action in judgement.fired:
+            if name != CONN_FAULT_NAME:  # conn's rows stay as Citus's expected outputs show them
+                self.runtime.recorder.mark(self.slot, frame.from_client, f"fault {name}: {action}")
+        for decision in judgement.shaping:
+            verdict = decision.verdict
+            if verdict is Verdict.THROTTLE:
+                lane.rate = decision.value
+                lane.next_free = max(lane.next_free, self.runtime.clock())
+            elif verdict is Verdict.LIMIT:
+                lane.limit = decision.value if lane.limit is None else min(lane.limit,
+                                                                            decision.value)
+            elif verdict is Verdict.SLOW_CLOSE:
+                self.slow_close = decision.value
+            elif verdict is Verdict.CANCEL_BACKEND:
+                yield from self._cancel_backend(decision.delay)
+        self._update_lanes()
+        if judgement.pause or judgement.hold:
+            lane.push_front([Held(frame, judgement.after_holds(), data)])
+            if judgement.hold:
+                lane.hold = self._timer(judgement.hold, lambda: self._hold_ended(lane))
+                yield lane.hold
+            if judgement.pause:
+                self.runtime.pause.begin(judgement.pause, self)
+            self._update_lanes()
+            return
+        yield from self._finish_frame(lane, frame, judgement, data)
+
+    def _hold_ended(self, lane: Lane) -> _Commands:
+        lane.hold = None
+        self._update_lanes()
+        yield from self._pump(lane)
+
+    def _finish_frame(self, lane: Lane, frame: Frame, judgement: Judgement, data: bytes
+                      ) -> _Commands:
+        """What ends the frame, once its holds are over."""
+        end = judgement.end
+        verdict = end.verdict
+        if verdict is Verdict.FORWARD or verdict is Verdict.PASS:
+            pieces = None
+            for decision in judgement.shaping:
+                if decision.verdict is Verdict.SLICE:
+                    pieces = decision.value
+            for _ in range(1 + judgement.copies):
+                yield from self._emit(lane, data, pieces)
+        elif verdict is Verdict.DROP:
+            return
+        elif verdict is Verdict.KILL:
+            yield from self._kill(lane.dest)
+        elif verdict is Verdict.RESET:
+            yield from self._reset()
+        elif verdict is Verdict.ERROR:
+            yield from self._error(lane, frame, end.value)
+        elif verdict is Verdict.HANG:
+            lane.push_front([Held(frame, Judgement(), data)])
+            self.hung.add(judgement.end_fault)
+            self._update_lanes()
+            if end.value is not None:
+                yield self._timer(end.value, self._hang_timed_out)
+
+    def _hang_timed_out(self) -> _Commands:
+        if self.hung and not self.dead:
+            yield from self._close_everything()
+
+    def _emit(self, lane: Lane, data: bytes, pieces: tuple[int, float] | None = None
+              ) -> _Commands:
+        """Send `data` on the lane now, or as its shaping allows (ahead of what waits)."""
+        if pieces is None and not lane.shaped:
+            yield commands.SendData(lane.dest, data)
+            return
+        if pieces is None:
+            lane.push_front([Out(data)])
+        else:
+            size, gap = pieces
+            chunks = [data[i:i + size] for i in range(0, len(data), size)]
+            lane.push_front([Out(chunk, gap) for chunk in chunks[:-1]] + [Out(chunks[-1])])
+        yield from self._send_out(lane)
+
+    def _send_out(self, lane: Lane) -> _Commands:
+        """Send the `Out` pieces at the front of the lane while its pacing allows."""
+        queue = lane.queue
+        while queue and type(queue[0]) is Out and not self.dead and not self._blocked(lane):
+            gap = queue[0].gap  # type: ignore[union-attr]
+            taken = lane.take_piece(self.runtime.clock())
+            if type(taken) is float:
+                yield self._pace(lane, taken)
+                return
+            piece, whole = taken  # type: ignore[misc]
+            if lane.limit is not None:
+                if len(piece) >= lane.limit:
+                    piece, lane.limit = piece[:lane.limit], 0
+                    if piece:
+                        yield commands.SendData(lane.dest, piece)
+                    yield from self._close_everything()
+                    return
+                lane.limit -= len(piece)
+            yield commands.SendData(lane.dest, piece)
+            if whole and gap:
+                yield self._pace(lane, gap)
+                return
+
+    def _pace(self, lane: Lane, seconds: float) -> commands.RequestWakeup:
+        lane.busy = self._timer(seconds, lambda: self._paced(lane))
+        self._update_lanes()
+        return lane.busy
+
+    def _paced(self, lane: Lane) -> _Commands:
+        lane.busy = None
+        self._update_lanes()
+        yield from self._pump(lane)
 
     def _destination(self, from_client: bool) -> Connection:
         return self.context.server if from_client else self.context.client
@@ -324,13 +479,33 @@ class WirefaultLayer(layer.Layer):
         if excess > 0:
             del self.flow.messages[:excess]
 
-    # -- faults ----------------------------------------------------------------------------
+    # -- faults that end the connection or answer for the server ------------------------------
+
+    def _error(self, lane: Lane, frame: Frame, parameters: tuple) -> _Commands:
+        agent = self.agent
+        if agent is None:  # the parser refuses error() where no agent can answer
+            yield from self._kill(lane.dest)
+            return
+        plan = agent.error_plan(frame, *parameters)
+        if plan.to_server:
+            yield from self._emit(self.up, plan.to_server)
+        if plan.to_client:
+            yield commands.SendData(self.context.client, plan.to_client)
+        if plan.close:
+            yield from self._close_everything()
+        self._update_lanes()
+
+    def _cancel_backend(self, delay: float) -> _Commands:
+        request = self.agent.cancel_request() if self.agent is not None else None
+        if request is None:
+            logger.warning("wirefault: cancel(): client %s has no server session to cancel "
+                           "yet (no BackendKeyData seen)", self.rule_state.client)
+            return
+        yield SendCancelRequest(request, delay)
 
     def _kill(self, dest: Connection) -> layer.CommandGenerator[None]:
         """FIN to the side the frame was going to; the other side follows when it closes."""
-        self.dead = True
-        self.backlog.clear()
-        self.held_frame = None
+        self._die()
         other = self.context.client if dest is self.context.server else self.context.server
         # We learn that dest closed only while it can still read; else nothing is left to wait for.
         will_hear_close = bool(dest.state & ConnectionState.CAN_READ)
@@ -343,11 +518,19 @@ class WirefaultLayer(layer.Layer):
 
     def _reset(self) -> layer.CommandGenerator[None]:
         """RST both sides, after the frames before the trigger (the executor sees to it)."""
-        self.dead = True
-        self.backlog.clear()
-        self.held_frame = None
+        self._die()
         yield ResetConnections()
         yield from self._close_all()
+
+    def _close_everything(self) -> _Commands:
+        """Close both sides with a FIN, after what was written to them."""
+        self._die()
+        yield from self._close_all()
+
+    def _die(self) -> None:
+        self.dead = True
+        self.up.clear()
+        self.down.clear()
 
     def _close_all(self) -> layer.CommandGenerator[None]:
         self._finish()

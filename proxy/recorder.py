@@ -54,6 +54,8 @@ MOST_BYTES_PER_FRAME = 2 * KEEP_FRAME_BYTES + FRAME_BYTES + ROW_BYTES + RUN_BYTE
 bytes, see `_add_run`), holds: a chunk of `_chunk_frames` of them stays within
 `_chunk_bytes` without counting them one by one."""
 _PAYLOAD = itemgetter(3)
+_MARK = "\0mark"
+"""The key of a row that marks the frame row before it: a fault acted on that frame."""
 SKIPPED_TYPES = frozenset({"Terminate"})
 """Left out: they arrive at unpredictable times and make dumps flaky."""
 
@@ -178,6 +180,12 @@ class Recorder:
         if self._rows_frames >= self._chunk_frames:
             self._close_chunk()
 
+    def mark(self, slot: RecorderSlot, from_client: bool, label: str) -> None:
+        """Marks the frame last recorded for `slot` (a fault acted on it): its dump row ends
+        with ` [label]`. Not a frame: marks count towards no limit of frames."""
+        if slot.epoch == self._epoch:
+            self._rows.append((slot.number, from_client, _MARK, label))
+
     def _add_frame(self, number: int, frame: Frame) -> None:
         self._add(number, frame.from_client, frame.type, frame.spec, frame.data, 0,
                   len(frame.data), frame)
@@ -295,10 +303,29 @@ class Recorder:
         return "\n".join(lines)
 
     def _messages(self) -> Iterator[tuple[int, bool, str]]:
-        """The newest `limit` frames, rendered, oldest first."""
+        """The newest `limit` frames, rendered, oldest first, each with its marks."""
+        previous: tuple[int, bool, str] | None = None
+        for number, from_client, message, is_mark in self._rendered():
+            if is_mark:
+                if previous is not None and previous[0] == number:
+                    previous = (number, previous[1], f"{previous[2]} [{message}]")
+                continue
+            if previous is not None:
+                yield previous
+            previous = (number, from_client, message)
+        if previous is not None:
+            yield previous
+
+    def _rendered(self) -> Iterator[tuple[int, bool, str, bool]]:
         skip = self._held + self._rows_frames - self.limit  # frames past the limit
+        marked_frame_shown = False
         for rows in [*(chunk for chunk, _ in self._chunks), self._rows]:
             for number, from_client, key, payload in rows:
+                if key is _MARK:
+                    if marked_frame_shown:
+                        yield number, from_client, payload, True  # type: ignore[misc]
+                    continue
+                marked_frame_shown = skip <= 0 or (type(key) is tuple and skip < len(key[3]))
                 if type(key) is tuple:
                     index, base, start, types, ends = key
                     frames = frames_of(payload, base, start, types, ends,  # type: ignore[arg-type]
@@ -309,17 +336,17 @@ class Recorder:
                             continue
                         frames = frames[skip:]
                     for frame in frames:
-                        yield number, from_client, render_frame(frame)
+                        yield number, from_client, render_frame(frame), False
                     continue
                 if skip > 0:
                     skip -= 1
                     continue
                 if key is None:
-                    yield number, from_client, payload  # type: ignore[misc]
+                    yield number, from_client, payload, False  # type: ignore[misc]
                 elif type(payload) is tuple:
-                    yield number, from_client, render_cut(key, payload)  # type: ignore[arg-type]
+                    yield number, from_client, render_cut(key, payload), False  # type: ignore[arg-type]
                 else:
                     data: bytes = payload  # type: ignore[assignment]
                     frame = Frame(key, data, (0, len(data)), from_client,  # type: ignore[arg-type]
                                   self.messages.get(key))  # type: ignore[arg-type]
-                    yield number, from_client, render_frame(frame)
+                    yield number, from_client, render_frame(frame), False

@@ -51,17 +51,33 @@ class ResetConnections(commands.Command):
 
 
 class SetReading(commands.Command):
-    """Stop (False) or resume (True) reading both sides: a hold's back-pressure."""
+    """Stop (False) or resume (True) reading one side (both when `connection` is None):
+    the back-pressure of frames waiting in the layer."""
 
-    def __init__(self, reading: bool) -> None:
+    def __init__(self, reading: bool, connection: Connection | None = None) -> None:
         self.reading = reading
+        self.connection = connection
 
     def __repr__(self) -> str:
-        return f"SetReading({self.reading})"
+        side = "" if self.connection is None else f", {self.connection.id[:8]}"
+        return f"SetReading({self.reading}{side})"
+
+
+class SendCancelRequest(commands.Command):
+    """`delay` seconds from now, open a connection of the proxy's own to the upstream and
+    send `payload` on it (PostgreSQL's CancelRequest), then close it."""
+
+    def __init__(self, payload: bytes, delay: float) -> None:
+        self.payload = payload
+        self.delay = delay
+
+    def __repr__(self) -> str:
+        return f"SendCancelRequest({len(self.payload)} bytes, after {self.delay:g} s)"
 
 
 EXECUTED = (commands.SendData, commands.CloseTcpConnection, commands.CloseConnection,
-            commands.RequestWakeup, commands.Log, ResetConnections, SetReading)
+            commands.RequestWakeup, commands.Log, ResetConnections, SetReading,
+            SendCancelRequest)
 """The commands RelayIO carries out; a layer's other commands go to mitmproxy."""
 
 TransportOf = Callable[[Connection], "asyncio.Transport | None"]
@@ -87,7 +103,8 @@ class RelayIO:
         self.finished = False
         self.active = True
         """Set by every read; the idle timer clears it (cheaper than a clock per read)."""
-        self._held = False
+        self._held: set[Connection] = set()
+        """Sides not read because frames from them wait in the layer."""
         self._backpressured: set[Connection] = set()
         """Sides not read because the other side's write buffer is full."""
         self._timers: set[asyncio.TimerHandle] = set()
@@ -117,7 +134,9 @@ class RelayIO:
             self.client.state = self.server.state = _CLOSED
             self._reset_when_flushed(asyncio.get_running_loop().time() + self.reset_grace)
         elif kind is SetReading:
-            self.set_reading(command.reading)  # type: ignore[attr-defined]
+            self.set_reading(command.reading, command.connection)  # type: ignore[attr-defined]
+        elif kind is SendCancelRequest:
+            self._later(command.delay, lambda: self._cancel_upstream(command.payload))  # type: ignore[attr-defined]
         else:
             raise TypeError(f"RelayIO cannot carry out {command!r}")
         self._check_finished()
@@ -187,12 +206,16 @@ class RelayIO:
 
     # -- reading: holds and back-pressure ---------------------------------------------------
 
-    def set_reading(self, reading: bool) -> None:
-        """Stop reading both sides for a hold, or read again those back-pressure allows."""
-        self._held = not reading
-        for connection in (self.client, self.server):
-            if connection.state & _CAN_READ and connection not in self._backpressured:
-                self._switch_reading(connection, reading)
+    def set_reading(self, reading: bool, connection: Connection | None = None) -> None:
+        """Stop reading a side (both when None) whose frames wait in the layer, or read it
+        again if back-pressure allows."""
+        for side in (self.client, self.server) if connection is None else (connection,):
+            if reading:
+                self._held.discard(side)
+            else:
+                self._held.add(side)
+            if side.state & _CAN_READ and side not in self._backpressured:
+                self._switch_reading(side, reading)
 
     def writing_paused(self, full: Connection) -> None:
         """`full`'s write buffer is over its high-water mark: stop reading its peer."""
@@ -214,7 +237,7 @@ class RelayIO:
     def _lift_backpressure(self, connection: Connection) -> None:
         if connection in self._backpressured:
             self._backpressured.discard(connection)
-            if not self._held:
+            if connection not in self._held:
                 self._switch_reading(connection, True)
 
     def _switch_reading(self, connection: Connection, reading: bool) -> None:
@@ -227,6 +250,17 @@ class RelayIO:
             else:
                 transport.pause_reading()
                 keep_paused(transport)
+
+    # -- the proxy's own connections ---------------------------------------------------------
+
+    def _cancel_upstream(self, payload: bytes) -> None:
+        address = self.server.peername or self.server.address
+        if address is None:
+            logger.warning("wirefault: cancel(): the upstream's address is not known")
+            return
+        task = asyncio.ensure_future(_send_and_close(address[0], address[1], payload))
+        _BACKGROUND.add(task)
+        task.add_done_callback(_BACKGROUND.discard)
 
     # -- timers ------------------------------------------------------------------------------
 
@@ -279,6 +313,28 @@ class RelayIO:
             for handle in self._timers:
                 handle.cancel()
             self._timers.clear()
+
+
+_BACKGROUND: set[asyncio.Future] = set()
+"""Cancel requests under way (a task nobody references may be collected mid-flight)."""
+CANCEL_TIMEOUT = 10.0
+
+
+async def _send_and_close(host: str, port: int, payload: bytes) -> None:
+    """Send one cancel request; the server closes the connection once it has read it."""
+    writer = None
+    try:
+        async with asyncio.timeout(CANCEL_TIMEOUT):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(payload)
+            await writer.drain()
+            await reader.read()  # the server answers nothing and closes
+    except (OSError, TimeoutError) as exc:
+        logger.warning("wirefault: cancel(): cannot send the cancel request to %s:%s: %s",
+                       host, port, exc)
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def _unsent_bytes(transport: asyncio.Transport) -> int:

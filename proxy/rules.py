@@ -1,79 +1,168 @@
-"""The rules engine: the rule in force, evaluated frame by frame.
+"""The fault engine: the faults in force, in the order they were added, judged frame by frame.
 
-A parsed command is compiled once into a flat tuple of steps; `decide` walks it for each
-frame. Per-connection state (`after` counters) is reset lazily when a connection first sees
-a new rule's generation, so replacing the rule never touches other connections' objects.
+Each fault is compiled once into a flat tuple of steps; `decide` walks every fault for a
+frame. How faults compose (the README's "Several faults"): a frame meets the faults in the
+order they were added. A fault that does not act lets the frame go on to the next. One that
+acts either adds to what happens to the frame and lets the walk go on (delay, duplicate,
+throttle, slice, slow_close, limit, cancel, connect_delay: delays add up, copies add up, the
+shaping of the direction is installed in order), or ends it (allow, drop, error, kill,
+reset, killall, hang): the faults after it do not see the frame. What ends the walk happens
+after the holds: a delay then a kill waits, then kills.
+
+Fault-level steps (`where`, `connectionProbability`, `times`, `fromClient`/`fromServer`) are
+taken out of the chain when it is compiled: they do not depend on where they are written.
+Per-connection state of a fault (its `after` counters, whether `where` matched) is keyed by
+the id of the installed fault, so a replaced fault starts fresh everywhere without touching
+other connections' objects.
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from dataclasses import dataclass
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from wirefault.protocols import Frame, FrameBatch, FrameRun, ProtocolSpec
 
 from . import dsl, faults
-from .faults import FORWARD, KILL, ConnectionState, Decision, Fault, SharedState, Verdict
+from .faults import (
+    ENDS_THE_WALK,
+    FORWARD,
+    KILL,
+    ConnectionState,
+    Decision,
+    Fault,
+    FaultConnectionState,
+    SharedState,
+    Verdict,
+    chance,
+)
+from .faults.base import frame_number
 from .faults.cancel import protected_pids
 
-DEFAULT_RULE = "conn.allow()"
+logger = logging.getLogger("wirefault")
 
-_FILTER, _MATCH, _CONTAINS, _AFTER = range(4)
+DEFAULT_RULE = "conn.allow()"
+CONN_FAULT_NAME = "conn"
+FIRED_LOG_SIZE = 10_000
+"""Firings kept in memory (the newest), for the control plane's event log."""
+
+_FILTER, _DERIVED, _MATCH, _CONTAINS, _AFTER, _PROBABILITY = range(6)
 
 Step = tuple[int, object, object]
 
+_SIDE_EFFECT_FREE = (dsl.MessageFilter, dsl.BytesMatch, dsl.BytesContains, dsl.FromSide,
+                     dsl.Where, dsl.Times, dsl.ConnectionProbability)
+"""Steps that change nothing when they stop a frame (after() and probability() count or
+draw)."""
 
-@dataclass(frozen=True, slots=True)
-class CompiledRule:
+
+@dataclass(slots=True)
+class InstalledFault:
+    """One fault in force: its compiled chain, its action and what it has done."""
+
+    uid: int
+    name: str
     text: str
-    generation: int
+    added: float
+    """Wall-clock time it was added (seconds since the epoch)."""
     steps: tuple[Step, ...]
     after_nodes: int
     fault: Fault
+    action: str
     shared: SharedState
-    passthrough: bool
-    """True when no frame can ever be affected (a chain ending in allow())."""
+    from_client: bool | None
+    """fromClient() / fromServer(); None: both directions."""
+    times: int | None
+    where: tuple[tuple[str, re.Pattern[str]], ...]
+    connection_probability: float | None
     gate: frozenset[str] | None
-    """When the chain starts with a message filter, the type it names: a frame of another
-    type is forwarded at the first step, with no side effect, so runs of frames none of
-    which has that type need no decision (see `first_fault`)."""
+    """When the chain starts with side-effect-free steps and a message filter, the type it names: a
+    frame of another type is forwarded with no side effect, so runs of frames none of which
+    has that type need no decision (see `first_fault`)."""
+    needs_statements: bool
+    """A filter reads a derived field (the query a PostgreSQL Execute runs)."""
+    spent: bool = False
+
+    @property
+    def connection_level(self) -> bool:
+        return bool(self.where) or self.connection_probability is not None
 
 
-def _compile_step(step: dsl.Step, after_index: int) -> Step:
-    if isinstance(step, dsl.MessageFilter):
-        return (_FILTER, step.type, step.fields)
-    if isinstance(step, dsl.BytesMatch):
-        return (_MATCH, step.pattern, None)
-    if isinstance(step, dsl.BytesContains):
-        return (_CONTAINS, step.needle, None)
-    if isinstance(step, dsl.After):
-        return (_AFTER, after_index, step.count)
-    raise TypeError(f"unknown step {step!r}")
+@dataclass(frozen=True, slots=True)
+class Firing:
+    """One time a fault acted: what `faults.list()` counts and the fired log keeps."""
+
+    time: float
+    fault: str
+    connection: int
+    client: str
+    frame: str
+    action: str
+
+    def line(self) -> str:
+        return (f"fired fault={self.fault} conn={self.connection} client={self.client} "
+                f"frame={self.frame} action={self.action}")
 
 
-def compile_rule(rule: dsl.Rule, generation: int) -> CompiledRule:
+@dataclass(slots=True)
+class Judgement:
+    """What the faults in force decided for one frame that at least one acted on."""
+
+    end: Decision = FORWARD
+    """What ends the walk (FORWARD: the frame goes out, after any holds)."""
+    end_fault: int = 0
+    """The id of the fault that ended the walk (hang() is lifted when it is removed)."""
+    hold: float = 0.0
+    """Seconds the frame and its direction wait first."""
+    pause: float = 0.0
+    """Seconds the whole proxy waits first (cancel(pid))."""
+    copies: int = 0
+    shaping: list[Decision] = field(default_factory=list)
+    """Throttle, slice, slow_close, limit and cancel decisions, in the order they fired."""
+    fired: list[tuple[str, str]] = field(default_factory=list)
+    """(fault name, action) of every fault that acted, in order."""
+
+    def after_holds(self) -> Judgement:
+        """The rest of the judgement, once the frame has waited its holds."""
+        return Judgement(self.end, self.end_fault, 0.0, 0.0, self.copies,
+                         [d for d in self.shaping if d.verdict is Verdict.SLICE], self.fired)
+
+
+def _compile_steps(rule: dsl.Rule, protocol: ProtocolSpec) -> tuple[tuple[Step, ...], int]:
     steps: list[Step] = []
     after_nodes = 0
     for step in rule.steps:
-        steps.append(_compile_step(step, after_nodes))
-        if isinstance(step, dsl.After):
+        if isinstance(step, dsl.MessageFilter):
+            derived = protocol.derived_fields.get(step.type, ())
+            own = tuple((n, p) for n, p in step.fields if n not in derived)
+            extra = tuple((n, p) for n, p in step.fields if n in derived)
+            steps.append((_FILTER, step.type, own))
+            if extra:
+                steps.append((_DERIVED, extra, None))
+        elif isinstance(step, dsl.BytesMatch):
+            steps.append((_MATCH, step.pattern, None))
+        elif isinstance(step, dsl.BytesContains):
+            steps.append((_CONTAINS, step.needle, None))
+        elif isinstance(step, dsl.After):
+            steps.append((_AFTER, after_nodes, step.count))
             after_nodes += 1
-    fault = faults.build(rule.action)
-    return CompiledRule(
-        text=rule.text,
-        generation=generation,
-        steps=tuple(steps),
-        after_nodes=after_nodes,
-        fault=fault,
-        shared=SharedState(),
-        passthrough=rule.action.name == "allow",
-        gate=_gate(rule),
-    )
+        elif isinstance(step, dsl.Probability):
+            steps.append((_PROBABILITY, len(steps), step.p))
+        # FromSide, Times, Where, ConnectionProbability: fault-level, see `install`.
+    return tuple(steps), after_nodes
 
 
 def _gate(rule: dsl.Rule) -> frozenset[str] | None:
-    first = rule.steps[0] if rule.steps else None
-    return frozenset({first.type}) if isinstance(first, dsl.MessageFilter) else None
+    for step in rule.steps:
+        if isinstance(step, dsl.MessageFilter):
+            return frozenset({step.type})
+        if not isinstance(step, _SIDE_EFFECT_FREE):
+            return None
+    return None
 
 
 def _fields_match(frame: Frame, fields: tuple[tuple[str, re.Pattern[str]], ...]) -> bool:
@@ -84,84 +173,226 @@ def _fields_match(frame: Frame, fields: tuple[tuple[str, re.Pattern[str]], ...])
     return True
 
 
-class RuleEngine:
-    """Holds the rule in force for one proxy and decides each frame's fate."""
+def _derived_match(frame: Frame, fields: tuple[tuple[str, re.Pattern[str]], ...],
+                   conn: ConnectionState) -> bool:
+    agent = conn.agent
+    if agent is None:
+        return False
+    for name, pattern in fields:
+        text = agent.derived_field(frame, name)
+        if text is None or pattern.search(text) is None:
+            return False
+    return True
 
-    def __init__(self, protocol: ProtocolSpec, initial: str | None = None) -> None:
+
+class RuleEngine:
+    """Holds the faults in force for one proxy and decides each frame's fate."""
+
+    def __init__(self, protocol: ProtocolSpec, initial: str | None = None,
+                 seed: int = 0, clock: Callable[[], float] = time.time) -> None:
         self.protocol = protocol
-        self._generation = 0
-        self.rule: CompiledRule = self._compile(DEFAULT_RULE)
+        self.seed = seed
+        self.clock = clock
+        self.faults: list[InstalledFault] = []
+        self.fired_total = 0
+        self.fired_log: deque[Firing] = deque(maxlen=FIRED_LOG_SIZE)
+        self.tracks_statements = False
+        """Sticky: once a fault read a derived field, connections keep tracking them."""
+        self._next_uid = 0
+        self._gates: tuple[frozenset[str] | None, frozenset[str] | None] = (None, None)
+        self._killall_on = False
+        self._live: list[InstalledFault] = []
         if initial:
             self.set_rule_text(initial)
+
+    # -- changing what is in force ---------------------------------------------------------
 
     def parse(self, text: str) -> dsl.Command:
         """Parse a command for this proxy (cancel(pid) refuses the proxy's own processes)."""
         return dsl.parse(text, self.protocol, protected_pids())
 
-    def _compile(self, text: str) -> CompiledRule:
+    def set_rule_text(self, text: str) -> None:
+        """Parse a conn.* or faults.add command and apply it; on a CommandError what was in
+        force stays."""
         parsed = self.parse(text)
-        if not isinstance(parsed, dsl.Rule):
-            raise dsl.CommandError("expected a conn.* rule", 1)
-        return self.install(parsed)
+        if isinstance(parsed, dsl.Rule):
+            self.install(parsed)
+        elif isinstance(parsed, dsl.FaultCommand) and parsed.op == "add":
+            assert parsed.rule is not None and parsed.name is not None
+            self.add(parsed.name, parsed.rule, parsed.seed)
+        else:
+            raise dsl.CommandError("expected a conn.* or faults.add(...) command", 1)
 
-    def install(self, rule: dsl.Rule) -> CompiledRule:
-        """Make `rule` the rule in force; state starts fresh everywhere."""
-        self._generation += 1
-        self.rule = compile_rule(rule, self._generation)
-        return self.rule
+    def install(self, rule: dsl.Rule) -> None:
+        """A conn.* command: this fault replaces every fault (conn.allow() clears them)."""
+        self.faults = []
+        if rule.action.name != "allow" or rule.steps:
+            self.faults.append(self._compile(CONN_FAULT_NAME, rule, None))
+        self._changed()
 
-    def set_rule_text(self, text: str) -> CompiledRule:
-        """Parse and install; on a CommandError the previous rule stays in force."""
-        return self._compile(text)
+    def add(self, name: str, rule: dsl.Rule, seed: int | None = None) -> InstalledFault:
+        """Add a named fault at the end, or in place of the fault of that name (its state
+        starts fresh)."""
+        installed = self._compile(name, rule, seed)
+        for index, existing in enumerate(self.faults):
+            if existing.name == name:
+                self.faults[index] = installed
+                break
+        else:
+            self.faults.append(installed)
+        self._changed()
+        return installed
+
+    def remove(self, name: str) -> bool:
+        kept = [f for f in self.faults if f.name != name]
+        if len(kept) == len(self.faults):
+            return False
+        self.faults = kept
+        self._changed()
+        return True
+
+    def clear(self) -> None:
+        self.faults = []
+        self._changed()
+
+    def in_force(self, uid: int) -> bool:
+        return any(f.uid == uid and not f.spent for f in self.faults)
+
+    def names(self) -> list[str]:
+        return [f.name for f in self.faults]
+
+    @property
+    def rule_text(self) -> str:
+        """What is in force, for logs: the commands, or conn.allow() when nothing is."""
+        return "; ".join(f.text for f in self.faults) or DEFAULT_RULE
+
+    def _compile(self, name: str, rule: dsl.Rule, seed: int | None) -> InstalledFault:
+        self._next_uid += 1
+        steps, after_nodes = _compile_steps(rule, self.protocol)
+        sides = [s.from_client for s in rule.steps if isinstance(s, dsl.FromSide)]
+        times = [s.count for s in rule.steps if isinstance(s, dsl.Times)]
+        where = tuple(pair for s in rule.steps if isinstance(s, dsl.Where) for pair in s.fields)
+        chances = [s.p for s in rule.steps if isinstance(s, dsl.ConnectionProbability)]
+        derived = any(kind == _DERIVED for kind, _, _ in steps)
+        if derived:
+            self.tracks_statements = True
+        return InstalledFault(
+            uid=self._next_uid, name=name, text=rule.text, added=self.clock(),
+            steps=steps, after_nodes=after_nodes, fault=faults.build(rule.action),
+            action=rule.action.name,
+            shared=SharedState(name=name, seed=self.seed if seed is None else seed),
+            from_client=None if not sides or len(set(sides)) > 1 else sides[0],
+            times=min(times) if times else None, where=where,
+            connection_probability=chances[0] if chances else None,
+            gate=_gate(rule), needs_statements=derived,
+        )
+
+    def _changed(self) -> None:
+        """Recompute what the per-read path consults: the live faults and the gates."""
+        self._live = [f for f in self.faults if not f.spent]
+        self._killall_on = any(f.shared.killall_fired for f in self._live)
+        self._gates = (self._gate_for(True), self._gate_for(False))
+
+    def _gate_for(self, from_client: bool) -> frozenset[str] | None:
+        """The union of the types the live faults for this direction start with; None when
+        one of them may act on a frame of any type."""
+        types: set[str] = set()
+        for f in self._live:
+            if f.from_client is not None and f.from_client != from_client:
+                continue  # never sees this direction
+            if f.gate is None:
+                return None
+            types |= f.gate
+        return frozenset(types)
+
+    # -- judging ---------------------------------------------------------------------------
 
     def first_fault(self, batch: FrameBatch, conn: ConnectionState, from_client: bool
-                    ) -> tuple[int, Decision] | None:
-        """Decides a read's frames in order: the index of the first one the rule does not
-        simply forward, with its decision; None when all pass. Counts client frames (as
-        `conn.client_frames_seen`) before deciding each, as `decide` expects."""
-        rule = self.rule
-        if rule.passthrough:
-            if from_client:
-                conn.client_frames_seen += len(batch)
+                    ) -> tuple[int, Judgement] | None:
+        """Decides a read's frames in order: the index of the first one a fault acts on,
+        with the judgement; None when all pass. Counts the frames (as the connection's
+        frame numbers) before deciding each, as `decide` expects."""
+        live = self._live
+        if not live:
+            self._count(conn, from_client, len(batch))
             return None
-        gate = rule.gate
+        gate = None if self._killall_on else self._gates[0 if from_client else 1]
         decide = self.decide
         index = 0
         for segment in batch.segments:
             if type(segment) is FrameRun:
-                if (gate is not None and not rule.shared.killall_fired
-                        and not segment.may_contain(segment.table.codes(gate))):
-                    if from_client:
-                        conn.client_frames_seen += segment.count
+                if gate is not None and not segment.may_contain(segment.table.codes(gate)):
+                    self._count(conn, from_client, segment.count)
                     index += segment.count
                     continue
                 frames: list[Frame] = segment.frames()
             else:
                 frames = [segment]  # type: ignore[list-item]
             for frame in frames:
-                if from_client:
-                    conn.client_frames_seen += 1
-                decision = decide(frame, conn)
-                if decision is not FORWARD:
-                    return index, decision
+                self._count(conn, from_client, 1)
+                judgement = decide(frame, conn)
+                if judgement is not FORWARD:
+                    return index, judgement  # type: ignore[return-value]
                 index += 1
         return None
 
-    def decide(self, frame: Frame, conn: ConnectionState) -> Decision:
-        rule = self.rule
-        if rule.passthrough:
-            return FORWARD
-        if conn.generation != rule.generation:
-            conn.generation = rule.generation
-            conn.after_counts = [0] * rule.after_nodes
-        if rule.shared.killall_fired:
-            rule.shared.fired += 1
+    def judge_one(self, frame: Frame, conn: ConnectionState) -> Judgement | Decision:
+        """`decide` for a frame taken on its own (counted first)."""
+        self._count(conn, frame.from_client, 1)
+        return self.decide(frame, conn)
+
+    @staticmethod
+    def _count(conn: ConnectionState, from_client: bool, frames: int) -> None:
+        if from_client:
+            conn.client_frames_seen += frames
+        else:
+            conn.server_frames_seen += frames
+
+    def decide(self, frame: Frame, conn: ConnectionState) -> Judgement | Decision:
+        """FORWARD when no fault acts on the frame, else the `Judgement`."""
+        judgement: Judgement | None = None
+        for f in self._live:
+            if f.from_client is not None and f.from_client != frame.from_client:
+                continue
+            decision = self._walk(f, frame, conn)
+            if decision is FORWARD or decision.verdict is Verdict.FORWARD:
+                continue
+            if judgement is None:
+                judgement = Judgement()
+            self._fired(f, frame, conn, judgement)
+            verdict = decision.verdict
+            if verdict in ENDS_THE_WALK:
+                judgement.end = decision
+                judgement.end_fault = f.uid
+                break
+            if verdict is Verdict.HOLD:
+                judgement.hold += decision.delay
+            elif verdict is Verdict.PAUSE_PROXY:
+                judgement.pause = max(judgement.pause, decision.delay)
+            elif verdict is Verdict.DUPLICATE:
+                judgement.copies += decision.value
+            else:
+                judgement.shaping.append(decision)
+        return FORWARD if judgement is None else judgement
+
+    def _walk(self, f: InstalledFault, frame: Frame, conn: ConnectionState) -> Decision:
+        """One fault's chain for one frame: its action's decision, or FORWARD."""
+        state = conn.faults.get(f.uid)
+        if state is None:
+            state = self._state_for(f, conn)
+        if state.enabled is not True:
+            if state.enabled is False or not self._enable(f, state, conn):
+                return FORWARD
+        if f.shared.killall_fired:
             return KILL
-        for kind, a, b in rule.steps:
+        for kind, a, b in f.steps:
             if kind == _FILTER:
                 if frame.type != a and frame.alias != a:
                     return FORWARD
                 if b and not _fields_match(frame, b):  # type: ignore[arg-type]
+                    return FORWARD
+            elif kind == _DERIVED:
+                if not _derived_match(frame, a, conn):  # type: ignore[arg-type]
                     return FORWARD
             elif kind == _MATCH:
                 if a.search(frame.data) is None:  # type: ignore[attr-defined]
@@ -169,12 +400,75 @@ class RuleEngine:
             elif kind == _CONTAINS:
                 if a not in frame.data:  # type: ignore[operator]
                     return FORWARD
-            else:
-                counts = conn.after_counts
+            elif kind == _AFTER:
+                counts = state.after_counts
                 if counts[a] < b:  # type: ignore[index,operator]
                     counts[a] += 1  # type: ignore[index]
+                    f.shared.matched += 1
                     return FORWARD
-        decision = rule.fault.decide(frame, conn, rule.shared)
-        if decision.verdict is not Verdict.FORWARD:
-            rule.shared.fired += 1
-        return decision
+            else:  # _PROBABILITY: seeded by (seed, fault, connection, direction, frame)
+                draw = chance(f.shared.seed, f.name, a, conn.number, frame.from_client,
+                              frame_number(frame, conn))
+                if draw >= b:  # type: ignore[operator]
+                    f.shared.matched += 1
+                    return FORWARD
+        f.shared.matched += 1
+        return f.fault.decide(frame, conn, f.shared)
+
+    def _state_for(self, f: InstalledFault, conn: ConnectionState) -> FaultConnectionState:
+        states = conn.faults
+        if len(states) > len(self.faults) + 16:  # forget replaced faults' states
+            live = {x.uid for x in self.faults}
+            for uid in [uid for uid in states if uid not in live]:
+                del states[uid]
+        state = FaultConnectionState([0] * f.after_nodes,
+                                     None if f.connection_level else True)
+        states[f.uid] = state
+        return state
+
+    def _enable(self, f: InstalledFault, state: FaultConnectionState,
+                conn: ConnectionState) -> bool:
+        """Decide once per connection whether where() and connectionProbability() let the
+        fault act on it; False for now (undecided) until the startup parameters are in."""
+        if f.where:
+            agent = conn.agent
+            if agent is not None and not agent.started:
+                return False
+            parameters = agent.parameters() if agent is not None else {}
+            for key, pattern in f.where:
+                value = conn.client if key == "client" else parameters.get(key)
+                if value is None or pattern.search(value) is None:
+                    state.enabled = False
+                    return False
+        if f.connection_probability is not None:
+            draw = chance(f.shared.seed, f.name, "connection", conn.number)
+            if draw >= f.connection_probability:
+                state.enabled = False
+                return False
+        state.enabled = True
+        return True
+
+    def _fired(self, f: InstalledFault, frame: Frame, conn: ConnectionState,
+               judgement: Judgement) -> None:
+        shared = f.shared
+        shared.fired += 1
+        self.fired_total += 1
+        if f.fault.name == "killall" or shared.killall_fired:
+            self._killall_on = True
+        if f.times is not None and shared.fired >= f.times:
+            f.spent = True
+            self._changed()
+        judgement.fired.append((f.name, f.action))
+        firing = Firing(self.clock(), f.name, conn.number, conn.client, frame.type, f.action)
+        self.fired_log.append(firing)
+        logger.info("wirefault: %s", firing.line())
+
+    # -- what is in force, for faults.list() -----------------------------------------------
+
+    def listing(self) -> Iterable[str]:
+        for f in self.faults:
+            added = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(f.added))
+            millis = int((f.added % 1) * 1000)
+            yield (f"name={f.name} matched={f.shared.matched} fired={f.shared.fired} "
+                   f"added={added}.{millis:03d}Z state={'spent' if f.spent else 'active'} "
+                   f"command={f.text}")

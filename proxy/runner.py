@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest frame accepted before the direction turns opaque "
                              "(default: the protocol's own, 1 GiB for postgres, 64 MiB for "
                              "wallaroo)")
+    parser.add_argument("--seed", type=_count(0), default=0, metavar="N",
+                        help="seed of every fault's randomness (probability, jitter); the "
+                             "same seed and traffic make the same choices (default 0)")
     parser.add_argument("--recorder-limit", type=_count(1), default=DEFAULT_LIMIT,
                         metavar="FRAMES")
     parser.add_argument("--recorder-max-bytes", type=_count(1), default=DEFAULT_MAX_BYTES,
@@ -155,7 +158,7 @@ OPTION_FLAGS = {
     "recorder_max_bytes": "--recorder-max-bytes",
     "max_frame": "--max-frame", "source_labels": "--source-labels", "listen_port": "--listen",
     "listen_host": "--listen", "mode": "--upstream", "fifo_mode": "--fifo-mode",
-    "fifo_group": "--fifo-group", "idle_timeout": "--idle-timeout",
+    "fifo_group": "--fifo-group", "idle_timeout": "--idle-timeout", "seed": "--seed",
 }
 """The CLI flag behind each mitmproxy option the runner sets, for error messages."""
 
@@ -198,6 +201,7 @@ async def serve(args: argparse.Namespace) -> int:
             recorder_limit=args.recorder_limit,
             recorder_max_bytes=args.recorder_max_bytes,
             max_frame=args.max_frame,
+            seed=args.seed,
             source_labels=args.source_labels,
             wirefault_flows=args.flows,
             fast_path=not args.no_fast_path,

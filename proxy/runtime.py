@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from wirefault.protocols import ProtocolSpec
 
+from .faults import ConnectionState as RuleState
 from .pause import ProxyPause
 from .recorder import Recorder
 from .rules import RuleEngine
@@ -49,6 +52,25 @@ class ProxyRuntime:
     """How an event reaches a layer that has no executor (tests drive it)."""
     pause: ProxyPause = field(default_factory=ProxyPause)
     """cancel(pid)'s proxy-wide pause, and the registry of live connections it needs."""
+    clock: Callable[[], float] = time.monotonic
+    """The clock throttle() paces by."""
+    _numbers: itertools.count = field(default_factory=lambda: itertools.count(1))
+
+    def new_rule_state(self, peername: tuple | None) -> RuleState:
+        """A new connection's state for the fault engine: its number on this proxy, its
+        client's address, and its protocol agent."""
+        make_agent = self.protocol.new_agent
+        agent = make_agent() if make_agent is not None else None
+        if agent is not None and self.engine.tracks_statements:
+            agent.track_statements = True
+        client = f"{peername[0]}:{peername[1]}" if peername else "?"
+        return RuleState(number=next(self._numbers), client=client, agent=agent)
+
+    def faults_changed(self) -> None:
+        """Tell every live connection that the faults in force changed (a hang() lifted,
+        statements to track)."""
+        for connection in list(self.pause.connections):
+            connection.faults_changed()  # type: ignore[attr-defined]
 
     def new_io(self, layer: WirefaultLayer) -> RelayIO | None:
         """The executor of a new connection's commands, on mitmproxy's path to start with
@@ -70,13 +92,14 @@ class ProxyRuntime:
         )
 
     @classmethod
-    def create(cls, protocol: ProtocolSpec, rule: str | None = None, **options) -> ProxyRuntime:
+    def create(cls, protocol: ProtocolSpec, rule: str | None = None, seed: int = 0,
+               **options) -> ProxyRuntime:
         recorder_options = {
             k: options.pop(k) for k in ("limit", "client_label", "server_label") if k in options
         }
         return cls(
             protocol=protocol,
-            engine=RuleEngine(protocol, rule),
+            engine=RuleEngine(protocol, rule, seed=seed),
             recorder=Recorder(messages=protocol.messages, **recorder_options),
             **options,
         )

@@ -5,9 +5,14 @@
 --   SELECT wirefault.command('conn.onQuery(query="^COMMIT").kill()');  -- '' when accepted
 --   SELECT * FROM wirefault.traffic();                   -- conn, source, message
 --   SELECT wirefault.clear_traffic();
+--   SELECT wirefault.add_fault('slow', 'onQuery(query="^SELECT").delay(200)');
+--   SELECT * FROM wirefault.faults();     -- name, matched, fired, added, state, command
+--   SELECT wirefault.remove_fault('slow');
+--   SELECT wirefault.clear_faults();
 --
 -- wirefault.command(text) RETURNS text: '' when the proxy accepts the command; for
--- 'recorder.dump()' the raw COPY text rows. A rejected command raises SQLSTATE 22023
+-- 'recorder.dump()' the raw COPY text rows, for 'faults.list()' and 'proxy.status()' their
+-- key=value lines. A rejected command raises SQLSTATE 22023
 -- (invalid_parameter_value) with the proxy's message; no answer within wirefault.timeout
 -- raises 08006 (connection_failure) naming the FIFO and the timeout; a FIFO the server's OS
 -- account may not open (or reach) raises 42501 (insufficient_privilege), "permission denied".
@@ -162,6 +167,12 @@ BEGIN
   IF reply = '' OR command ~ '^\s*recorder\s*\.\s*dump\s*\(\s*\)\s*;?\s*$' THEN
     RETURN reply;
   END IF;
+  -- These answer with key=value lines; an error line ("column N: ...", "internal error:
+  -- ...") never starts with a key and an equals sign.
+  IF command ~ '^\s*(faults\s*\.\s*list|proxy\s*\.\s*status)\s*\(\s*\)\s*;?\s*$'
+      AND reply ~ '^[a-z_]+=' THEN
+    RETURN reply;
+  END IF;
   RAISE EXCEPTION 'wirefault: %', reply
     USING ERRCODE = 'invalid_parameter_value', DETAIL = 'command: ' || command;
 END;
@@ -181,5 +192,99 @@ BEGIN
   PERFORM wirefault._exchange('recorder.dump()', true);
   RETURN QUERY EXECUTE
     'SELECT t.conn, t.source, t.message FROM pg_temp.wirefault_traffic t ORDER BY t.n';
+END;
+$$;
+
+-- Named faults (several in force at once). A fault's name is checked here, before anything
+-- is sent, so it goes into the command in double quotes without any escaping.
+CREATE OR REPLACE FUNCTION wirefault._fault_name(name text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+  IF name IS NULL OR name !~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$' THEN
+    RAISE EXCEPTION 'wirefault: bad fault name %: a letter or digit, then up to 63 letters, '
+      'digits, ''_'', ''.'', '':'' or ''-''', coalesce(quote_literal(name), 'NULL')
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  RETURN '"' || name || '"';
+END;
+$$;
+
+-- faults.add(name) followed by chain: 'onQuery().kill()', '.onQuery().kill()' or
+-- 'conn.onQuery().kill()' alike. Replaces a fault of that name.
+CREATE OR REPLACE FUNCTION wirefault.add_fault(name text, chain text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+  quoted text := wirefault._fault_name(name);
+  body text := regexp_replace(coalesce(chain, ''), '^\s*conn\s*(?=\.)', '');
+BEGIN
+  body := regexp_replace(body, '^\s+|\s+$', '', 'g');
+  IF body = '' THEN
+    RAISE EXCEPTION 'wirefault: a fault needs its steps and action, e.g. onQuery().kill()'
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  IF body ~ '^faults\s*\.' THEN
+    RAISE EXCEPTION 'wirefault: give the steps and action of the fault, without faults.*: %',
+      quote_literal(body) USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  IF left(body, 1) <> '.' THEN
+    body := '.' || body;
+  END IF;
+  PERFORM wirefault.command('faults.add(' || quoted || ')' || body);
+END;
+$$;
+
+-- Raises 22023 with the proxy's message when there is no fault of that name.
+CREATE OR REPLACE FUNCTION wirefault.remove_fault(name text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM wirefault.command('faults.remove(' || wirefault._fault_name(name) || ')');
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION wirefault.clear_faults() RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM wirefault.command('faults.clear()');
+END;
+$$;
+
+-- faults.list(), one row per fault in the order they were added. Each reply line is
+-- space-separated key=value with command= last (its value runs to the end of the line);
+-- keys this function does not know are skipped, so a newer proxy may say more.
+CREATE OR REPLACE FUNCTION wirefault.faults()
+RETURNS TABLE(name text, matched bigint, fired bigint, added timestamptz, state text,
+              command text)
+LANGUAGE plpgsql AS $$
+DECLARE
+  reply text := wirefault.command('faults.list()');
+  line text;
+  split int;
+  fields jsonb;
+BEGIN
+  FOR line IN SELECT t.l FROM regexp_split_to_table(reply, E'\n') WITH ORDINALITY AS t(l, n)
+              WHERE t.l <> '' ORDER BY t.n LOOP
+    split := strpos(line, ' command=');
+    fields := NULL;
+    IF split > 0 THEN
+      SELECT jsonb_object_agg(split_part(f.item, '=', 1),
+                              substr(f.item, strpos(f.item, '=') + 1))
+        INTO fields
+        FROM regexp_split_to_table(left(line, split - 1), ' +') AS f(item)
+       WHERE f.item LIKE '%=%';
+    END IF;
+    IF fields IS NULL OR NOT fields ?& ARRAY['name', 'matched', 'fired', 'added', 'state']
+        OR fields->>'matched' !~ '^[0-9]+$' OR fields->>'fired' !~ '^[0-9]+$'
+        OR fields->>'added' !~ '^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:.]+Z$' THEN
+      RAISE EXCEPTION 'wirefault: unexpected line in the reply to faults.list(): %',
+        quote_literal(line) USING ERRCODE = 'protocol_violation';
+    END IF;
+    name := fields->>'name';
+    matched := (fields->>'matched')::bigint;
+    fired := (fields->>'fired')::bigint;
+    added := (fields->>'added')::timestamptz;
+    state := fields->>'state';
+    command := substr(line, split + length(' command='));
+    RETURN NEXT;
+  END LOOP;
 END;
 $$;

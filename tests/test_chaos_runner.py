@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 from proxy_helpers import RunningProxy, running_proxy
 
-from wirefault.fifo_client import FaultProxy, chaos
+from wirefault.fifo_client import FaultProxy, builder, chaos, chaos_schedule
+from wirefault.proxy import dsl
 
 WIREFAULT = Path(sys.executable).parent / "wirefault"
 
@@ -103,17 +104,64 @@ def test_seed_option_overrides_the_scenario(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("seed", range(25))
-def test_windows_on_one_proxy_never_overlap_and_stay_within_duration(
+def test_windows_arm_at_their_drawn_times_and_stay_within_duration(
         tmp_path: Path, seed: int) -> None:
     schedule = schedule_for(tmp_path, seed)
     for proxy in ("alpha", "beta"):
         windows = schedule.for_proxy(proxy)
         assert windows, proxy
         for window in windows:
-            assert 0 <= window.planned <= window.arm < window.disarm <= schedule.duration
-            assert window.postponed >= 0
-        for before, after in itertools.pairwise(windows):
-            assert before.disarm <= after.arm
+            assert 0 <= window.arm < window.disarm <= schedule.duration
+    assert [w.arm for w in schedule.windows] == sorted(w.arm for w in schedule.windows)
+    names = [w.name for w in schedule.windows]
+    assert len(set(names)) == len(names)
+    assert all(builder.FAULT_NAME.fullmatch(name) for name in names)
+
+
+def test_windows_on_one_proxy_overlap_and_none_is_postponed(tmp_path: Path) -> None:
+    schedule = schedule_for(tmp_path, 3)
+    overlapping = [(before.fault, after.fault) for before, after
+                   in itertools.combinations(schedule.for_proxy("alpha"), 2)
+                   if after.arm < before.disarm and before.arm < after.disarm]
+    assert ("kill-notify", "reset-messages") in overlapping \
+        or ("reset-messages", "kill-notify") in overlapping
+    # Each fault's times are its own draws, whatever else is armed on its proxy.
+    alone = RANDOM_SCENARIO.replace("""  - name: reset-messages
+    proxy: alpha
+    command: conn.onMessage().after(3).reset()
+    armed: 1.5
+    every: [2, 4]
+""", "")
+    assert [w for w in schedule.windows if w.fault == "kill-notify"] == \
+        [w for w in schedule_for(tmp_path, 3, alone).windows if w.fault == "kill-notify"]
+
+
+def test_each_arming_is_a_named_fault_made_from_the_scenarios_rule(tmp_path: Path) -> None:
+    windows = schedule_for(tmp_path, 2).windows
+    first = next(w for w in windows if w.fault == "reset-messages")
+    assert first.name == "reset-messages:1"
+    assert first.command == "conn.onMessage().after(3).reset()"
+    assert first.arm_command == 'faults.add("reset-messages:1").onMessage().after(3).reset()'
+    assert first.lift_command == 'faults.remove("reset-messages:1")'
+    second = [w for w in windows if w.fault == "reset-messages"][1]
+    assert second.name == "reset-messages:2"
+    assert dsl.parse(first.arm_command, "wallaroo").rule.steps == \
+        dsl.parse(first.command, "wallaroo").steps
+
+
+@pytest.mark.parametrize(("names", "bases"), [
+    (["kill notify", "kill_notify"], ["kill_notify", "kill_notify.2"]),
+    (["-dash", "_under", "é"], ["f-dash", "f_under", "f_"]),
+    (["x" * 80], ["x" * chaos_schedule.NAME_BASE_CHARS]),
+    (["a", "a.2", "a_"], ["a", "a.2", "a_"]),
+])
+def test_fault_names_on_the_proxy_are_valid_and_unique(
+        names: list[str], bases: list[str]) -> None:
+    specs = tuple(chaos.FaultSpec(name, "p", "conn.kill()", 1.0) for name in names)
+    found = chaos_schedule.fault_name_bases(specs)
+    assert [found[name] for name in names] == bases
+    for base in found.values():
+        assert builder.FAULT_NAME.fullmatch(f"{base}:{chaos.MAX_ARMINGS}")
 
 
 def test_a_fault_gets_the_same_times_whatever_other_faults_exist(tmp_path: Path) -> None:
@@ -123,7 +171,7 @@ def test_a_fault_gets_the_same_times_whatever_other_faults_exist(tmp_path: Path)
         tuple(schedule_for(tmp_path, 5).for_proxy("beta"))
 
 
-def test_fixed_intervals_arm_on_the_grid_and_collisions_are_postponed(tmp_path: Path) -> None:
+def test_fixed_intervals_arm_on_the_grid_even_when_faults_overlap(tmp_path: Path) -> None:
     text = """\
 seed: 1
 duration: 10
@@ -132,15 +180,15 @@ faults:
   - {name: a, proxy: p, command: conn.onData().kill(), armed: 1.5, every: 4, start_after: 1}
   - {name: b, proxy: p, command: conn.onData().reset(), armed: 1, every: 4, start_after: 2}
   - {name: c, proxy: p, command: conn.connect_delay(5), armed: 1, start_after: 9.5}
+  - {name: d, proxy: p, command: conn.connect_delay(5), armed: 1, start_after: 10}
 """
-    schedule = chaos.load_scenario(write(tmp_path, text))
-    windows = chaos.build_schedule(schedule).windows
-    assert [(w.fault, w.planned, w.arm, w.disarm, w.cut) for w in windows] == [
-        ("a", 1, 1, 2.5, False), ("b", 2, 2.5, 3.5, False),
-        ("a", 5, 5, 6.5, False), ("b", 6, 6.5, 7.5, False),
-        ("a", 9, 9, 10, True),
+    schedule = chaos.build_schedule(chaos.load_scenario(write(tmp_path, text)))
+    assert [(w.fault, w.arm, w.disarm, w.cut, w.name) for w in schedule.windows] == [
+        ("a", 1, 2.5, False, "a:1"), ("b", 2, 3, False, "b:1"),
+        ("a", 5, 6.5, False, "a:2"), ("b", 6, 7, False, "b:2"),
+        ("a", 9, 10, True, "a:3"), ("c", 9.5, 10, True, "c:1"),
     ]
-    assert [(w.fault, w.arm) for w in chaos.build_schedule(schedule).dropped] == [("c", 10)]
+    assert [(w.fault, w.arm) for w in schedule.dropped] == [("d", 10)]
 
 
 def test_times_caps_the_armings(tmp_path: Path) -> None:
@@ -159,7 +207,8 @@ faults:
 # -- output shapes --------------------------------------------------------------------------
 
 TIMELINE_LINE = re.compile(
-    r"^\+ *\d+\.\d{3}s  (alpha|beta) +(armed|disarmed) +[\w-]+: conn\.\S+( +\(.*\))?$")
+    r"^\+ *\d+\.\d{3}s  (alpha|beta) +(armed +[\w-]+: conn\.\S+( +\(.*\))?"
+    r"|disarmed +([\w-]+): faults\.remove\(\"\4:\d+\"\))$")
 
 
 def test_dry_run_prints_one_line_per_arming_and_disarming(tmp_path: Path) -> None:
@@ -172,7 +221,7 @@ def test_dry_run_prints_one_line_per_arming_and_disarming(tmp_path: Path) -> Non
     assert len(lines) == 2 * len(windows)
     for line in lines:
         assert TIMELINE_LINE.match(line), line
-    assert any("postponed" in line for line in lines)
+    assert not any("postponed" in line for line in lines)
 
 
 def test_dry_run_json_lines(tmp_path: Path) -> None:
@@ -183,10 +232,11 @@ def test_dry_run_json_lines(tmp_path: Path) -> None:
     assert {event["event"] for event in events} == {"armed", "disarmed"}
     assert [event["t"] for event in events] == sorted(event["t"] for event in events)
     first = events[0]
-    assert set(first) == {"event", "t", "proxy", "fault", "command", "planned", "disarm",
-                          "postponed", "cut", "must_fire"}
+    assert set(first) == {"event", "t", "proxy", "fault", "command", "name", "disarm", "cut",
+                          "must_fire"}
     lift = {"event": "disarmed", "t": first["disarm"], "proxy": first["proxy"],
-            "fault": first["fault"], "command": "conn.allow()"}
+            "fault": first["fault"], "command": f'faults.remove("{first["name"]}")',
+            "name": first["name"]}
     assert lift in events[1:]
 
 
@@ -427,7 +477,8 @@ checks:
     lines = out.splitlines()
     assert re.fullmatch(r"\+ +\d\.\d{3}s  echo  armed +cut: conn\.onData\(\)\.kill\(\)",
                         lines[0]), lines
-    assert re.fullmatch(r"\+ +\d\.\d{3}s  echo  disarmed +cut: conn\.allow\(\)", lines[1]), lines
+    assert re.fullmatch(r"\+ +\d\.\d{3}s  echo  disarmed +cut: faults\.remove\(\"cut:1\"\)",
+                        lines[1]), lines
     assert lines[2] == "summary: seed 3, 1.2s, 1 faults armed (echo 1), 0 errors, " \
                        "1/1 checks passed"
     assert lines[-1] == "verdict: pass (exit 0)"
@@ -436,6 +487,61 @@ checks:
     assert echoes(raw_proxy.port), "the proxy was left with a fault armed"
     pings = [row for row in recorder.dump() if row.message == "Data(data=ping)"]
     assert len(pings) >= len(results), "the run emptied the proxy's recorder"
+
+
+def echoes_text(port: int, text: bytes) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.settimeout(1)
+            sock.sendall(text)
+            return sock.recv(64) == text
+    except OSError:
+        return False
+
+
+def test_overlapping_faults_on_one_proxy_are_in_force_together(
+        tmp_path: Path, raw_proxy: RunningProxy) -> None:
+    """`apple` kills frames starting with a, from 0.1 s to 2.1 s; `banana` kills frames
+    starting with b, from 0.4 s to 1.4 s: between 0.4 and 1.4 both are in force. The test
+    looks while the JSON timeline says both are armed and neither lifted."""
+    path = write(tmp_path, f"""\
+seed: 1
+duration: 2.5
+proxies:
+  echo: {{fifo: {raw_proxy.fifo}}}
+faults:
+  - {{name: apple, proxy: echo, command: 'conn.matches(b"^a").kill()', start_after: 0.1,
+     armed: 2}}
+  - {{name: banana, proxy: echo, command: 'conn.matches(b"^b").kill()', start_after: 0.4,
+     armed: 1}}
+""")
+    seen: list[dict] = []
+    during: dict[str, object] = {}
+    with subprocess.Popen([str(WIREFAULT), "chaos", str(path), "--json"],
+                          stdout=subprocess.PIPE, text=True) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            seen.append(json.loads(line))
+            armed = {event["fault"] for event in seen if event["event"] == "armed"}
+            if not during and armed == {"apple", "banana"}:
+                during["faults"] = [info.name for info in FaultProxy(raw_proxy.fifo).faults()]
+                during["apple"] = echoes_text(raw_proxy.port, b"apple")
+                during["banana"] = echoes_text(raw_proxy.port, b"banana")
+                during["cherry"] = echoes_text(raw_proxy.port, b"cherry")
+                during["lifted"] = [event["fault"] for event in seen
+                                    if event["event"] == "disarmed"]
+        status = process.wait(30)
+    assert status == chaos.EXIT_PASS, seen
+    assert during == {"faults": ["apple:1", "banana:1"], "apple": False, "banana": False,
+                      "cherry": True, "lifted": []}
+    order = [(event["event"], event.get("fault")) for event in seen]
+    assert order[1:5] == [("armed", "apple"), ("armed", "banana"), ("disarmed", "banana"),
+                          ("disarmed", "apple")]
+    armed = [event for event in seen if event["event"] == "armed"]
+    assert [(event["name"], event["command"]) for event in armed] == [
+        ("apple:1", 'conn.matches(b"^a").kill()'), ("banana:1", 'conn.matches(b"^b").kill()')]
+    assert FaultProxy(raw_proxy.fifo).faults() == []
+    assert echoes_text(raw_proxy.port, b"apple") and echoes_text(raw_proxy.port, b"banana")
 
 
 def test_json_timeline_and_a_failing_check(tmp_path: Path, raw_proxy: RunningProxy) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -24,7 +25,9 @@ from wirefault.proxy.dsl import (
     BytesContains,
     BytesMatch,
     CommandError,
+    FaultCommand,
     MessageFilter,
+    ProxyCommand,
     RecorderCommand,
     Rule,
     filter_names,
@@ -225,16 +228,21 @@ def test_recorder_commands() -> None:
 
 
 def test_vocabulary_constants_match_the_parser() -> None:
-    assert list(FILTERS) == ["matches", "contains", "after"]
-    assert list(ACTIONS) == ["allow", "kill", "reset", "killall", "cancel", "connect_delay"]
+    assert list(FILTERS) == ["matches", "contains", "after", "fromClient", "fromServer",
+                             "times", "once", "probability", "connectionProbability", "where"]
+    assert list(ACTIONS) == ["allow", "kill", "reset", "killall", "cancel", "connect_delay",
+                             "delay", "drop", "duplicate", "error", "hang", "throttle", "slice",
+                             "slow_close", "limit"]
     assert list(RECORDER_COMMANDS) == ["dump", "reset"]
     assert [p.name for p in ACTIONS["cancel"].params] == ["pid"]
     assert [p.name for p in ACTIONS["connect_delay"].params] == ["ms"]
     assert all(p.description for spec in ACTIONS.values() for p in spec.params)
-    samples = {"pid": "42", "ms": "10"}
+    samples = {"pid": "42", "ms": "10", "bytes_per_second": "10", "size": "10", "bytes": "10"}
+    # error() needs a protocol with error messages (LOCAL has none); the rest do not care.
+    erring = dataclasses.replace(LOCAL, error_parameters=("code", "message", "severity"))
     for spec in ACTIONS.values():
-        arguments = ", ".join(samples[p.name] for p in spec.params)
-        assert parse(f"conn.{spec.name}({arguments})", LOCAL).action.name == spec.name
+        arguments = ", ".join(samples[p.name] for p in spec.params if p.required)
+        assert parse(f"conn.{spec.name}({arguments})", erring).action.name == spec.name
     assert filter_names(LOCAL) == [
         "onQuery", "onParse", "onCommandComplete", "onCopyData", "onAuthenticationOk"]
     assert filter_names("raw") == ["onData"]
@@ -242,7 +250,12 @@ def test_vocabulary_constants_match_the_parser() -> None:
 
 # --- rejections: message and column ---------------------------------------------------------
 
-ROOTS_HINT = "commands start with 'conn', 'recorder' or 'proxy'"
+ROOTS_HINT = "commands start with 'conn', 'faults', 'recorder' or 'proxy'"
+ACTIONS_HINT = (
+    'allow(), kill(), reset(), killall(), cancel(pid), cancel(after_ms=100), connect_delay(ms), '
+    'delay(ms, jitter=0), drop(), duplicate(n=1), error(code="XX000", message=None, '
+    'severity="ERROR"), hang(ms=None), throttle(bytes_per_second), slice(size, delay_ms=0), '
+    "slow_close(ms) or limit(bytes)")
 
 REJECTIONS = [
     ("__import__('os')",
@@ -282,12 +295,8 @@ REJECTIONS = [
     ("conn.cancel(**f)", "column 13: '**' arguments are not allowed"),
     ("conn.kill().allow()",
      "column 13: nothing may follow the action kill(); the action comes last"),
-    ("conn.onQuery()",
-     "column 15: the command must end with an action: allow(), kill(), reset(), killall(), "
-     "cancel(pid) or connect_delay(ms)"),
-    ("conn",
-     "column 5: the command must end with an action: allow(), kill(), reset(), killall(), "
-     "cancel(pid) or connect_delay(ms)"),
+    ("conn.onQuery()", f"column 15: the command must end with an action: {ACTIONS_HINT}"),
+    ("conn", f"column 5: the command must end with an action: {ACTIONS_HINT}"),
     ('conn.onQuery(query="(").kill()',
      "column 20: bad regex '(': missing ), unterminated subpattern at position 0"),
     ('conn.matches(b"[").kill()',
@@ -312,8 +321,9 @@ REJECTIONS = [
     ("conn.dump()", "column 6: dump() is a recorder command: write recorder.dump()"),
     ("conn.frobnicate()",
      "column 6: unknown method 'frobnicate'; filters: on<MessageType>(...), matches(pattern), "
-     "contains(needle), after(n); actions: allow(), kill(), reset(), killall(), cancel(pid) or "
-     "connect_delay(ms)"),
+     "contains(needle), after(n), fromClient(), fromServer(), times(n), once(), probability(p), "
+     "connectionProbability(p), where(user=regex, database=regex, application_name=regex, "
+     f"client=regex); actions: {ACTIONS_HINT}"),
     ('conn.cancel("x")',
      "column 13: cancel(pid) needs an integer process id from 1 to 2147483647, got 'x'"),
     ("conn.cancel(0)",
@@ -330,7 +340,8 @@ REJECTIONS = [
     ("conn.contains(5).kill()", 'column 15: contains(needle) needs bytes such as b"...", got 5'),
     ("conn.onQuery().connect_delay(5)",
      "column 16: connect_delay() applies to every new connection and must come directly after "
-     "'conn', without filters"),
+     "'conn', without filters: only where(), times(), once(), probability() or "
+     "connectionProbability() may precede it, not onQuery()"),
     ("conn.connect_delay(-1)", "column 20: connect_delay(ms) needs a finite number >= 0, got -1"),
     ("conn.connect_delay(1e999)",
      "column 20: connect_delay(ms) needs a finite number >= 0, got inf"),
@@ -444,7 +455,7 @@ def _assert_parses_or_reports(text: str) -> None:
         assert "column" in line
         assert 1 <= error.column <= max(len(text.strip()), 0) + 1
     else:
-        assert isinstance(result, Rule | RecorderCommand)
+        assert isinstance(result, Rule | RecorderCommand | ProxyCommand | FaultCommand)
         assert result.text and result.text in text
 
 

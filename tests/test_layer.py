@@ -141,8 +141,9 @@ def test_a_hold_stops_reading_only_past_the_backlog_limit_and_resumes_after():
     hold = of_type(d.from_client(b"first"), commands.RequestWakeup)[0]
     chunk = b"x" * 65536
     seen = [of_type(d.from_client(chunk), SetReading) for _ in range(6)]
-    assert [len(s) for s in seen] == [0, 0, 0, 0, 1, 0]  # the 5th read goes past 256 KiB
-    assert seen[4][0].reading is False
+    # the held frame counts: the 4th read takes the queue past 256 KiB
+    assert [len(s) for s in seen] == [0, 0, 0, 1, 0, 0]
+    assert seen[3][0].reading is False and seen[3][0].connection is d.client
     out = d.wakeup(hold)
     assert [c.reading for c in of_type(out, SetReading)] == [True]
     assert sent(out) == b"first" + chunk * 6
@@ -171,8 +172,9 @@ def test_cancel_signals_then_holds_the_frame_and_keeps_order():
         assert sent(d.from_client(b"c")) == b""
         out = d.clock.fire()[d.client.id]
         data = of_type(out, commands.SendData)
-        assert [(c.connection, c.data) for c in data] == [
-            (d.server, b"x1"), (d.client, b"s"), (d.server, b"c")]
+        # the triggering frame first; each direction in its order
+        assert (data[0].connection, data[0].data) == (d.server, b"x1")
+        assert sent(out, d.server) == b"x1c" and sent(out, d.client) == b"s"
     finally:
         if child.poll() is None:
             child.kill()

@@ -8,28 +8,64 @@ from wirefault.proxy.dsl import Action
 
 from .allow import Allow
 from .base import (
+    DROP,
+    ENDS_THE_WALK,
     FORWARD,
     KILL,
+    PASS,
     RESET,
     ConnectionState,
     Decision,
     Fault,
+    FaultConnectionState,
     SharedState,
     Verdict,
+    chance,
 )
-from .cancel import Cancel
+from .cancel import Cancel, CancelBackend
 from .connect_delay import ConnectDelay
+from .delay import Delay
+from .drop import Drop
+from .duplicate import Duplicate
+from .error import Error
+from .hang import Hang
 from .kill import Kill
 from .killall import KillAll
+from .limit import Limit
 from .reset import Reset
+from .slice import Slice
+from .slow_close import SlowClose
+from .throttle import Throttle
+
+
+def _cancel(action: Action) -> Fault:
+    if action.pid is not None:
+        return Cancel(int(action.pid))
+    return CancelBackend(float(action.option("after_ms", 100.0)))  # type: ignore[arg-type]
+
+
+def _opt(action: Action, name: str, default: object = None) -> object:
+    return action.option(name, default)
+
 
 REGISTRY: dict[str, Callable[[Action], Fault]] = {
     Allow.name: lambda action: Allow(),
     Kill.name: lambda action: Kill(),
     Reset.name: lambda action: Reset(),
     KillAll.name: lambda action: KillAll(),
-    Cancel.name: lambda action: Cancel(int(action.pid or 0)),
+    Cancel.name: _cancel,
     ConnectDelay.name: lambda action: ConnectDelay(float(action.delay_ms or 0)),
+    Delay.name: lambda a: Delay(float(_opt(a, "ms", 0)), float(_opt(a, "jitter", 0))),  # type: ignore[arg-type]
+    Drop.name: lambda action: Drop(),
+    Duplicate.name: lambda a: Duplicate(int(_opt(a, "n", 1))),  # type: ignore[call-overload]
+    Error.name: lambda a: Error(_opt(a, "code"), _opt(a, "message"),  # type: ignore[arg-type]
+                                _opt(a, "severity")),
+    Hang.name: lambda a: Hang(_opt(a, "ms")),  # type: ignore[arg-type]
+    Throttle.name: lambda a: Throttle(int(_opt(a, "bytes_per_second", 1))),  # type: ignore[call-overload]
+    Slice.name: lambda a: Slice(int(_opt(a, "size", 1)),  # type: ignore[call-overload]
+                                float(_opt(a, "delay_ms", 0))),  # type: ignore[arg-type]
+    SlowClose.name: lambda a: SlowClose(float(_opt(a, "ms", 0))),  # type: ignore[arg-type]
+    Limit.name: lambda a: Limit(int(_opt(a, "bytes", 0))),  # type: ignore[call-overload]
 }
 
 
@@ -39,14 +75,19 @@ def build(action: Action) -> Fault:
 
 
 __all__ = [
+    "DROP",
+    "ENDS_THE_WALK",
     "FORWARD",
     "KILL",
+    "PASS",
     "REGISTRY",
     "RESET",
     "ConnectionState",
     "Decision",
     "Fault",
+    "FaultConnectionState",
     "SharedState",
     "Verdict",
     "build",
+    "chance",
 ]

@@ -36,3 +36,17 @@ class Cancel:
         except OSError as exc:  # the frame still goes through, as it would without the proxy
             logger.warning("cancel(%d): cannot signal the process: %s", self.pid, exc)
         return self.hold
+
+
+class CancelBackend:
+    """cancel(after_ms=100): forward the frame; after_ms later, the proxy sends the
+    protocol's cancel request (PostgreSQL's CancelRequest with this connection's
+    BackendKeyData) on a connection of its own to the upstream."""
+
+    name: ClassVar[str] = "cancel"
+
+    def __init__(self, after_ms: float) -> None:
+        self.decision = Decision(Verdict.CANCEL_BACKEND, after_ms / 1000.0)
+
+    def decide(self, frame: Frame, conn: ConnectionState, shared: SharedState) -> Decision:
+        return self.decision
