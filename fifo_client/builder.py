@@ -3,7 +3,7 @@
     >>> from wirefault.fifo_client import conn, faults, recorder
     >>> str(conn.onQuery(query="^COMMIT").after(2).kill())
     'conn.onQuery(query="^COMMIT").after(2).kill()'
-    >>> str(faults.add("slow-commit").onQuery(query="^COMMIT").delay(50))  # doctest: +SKIP
+    >>> str(faults.add("slow-commit").onQuery(query="^COMMIT").delay(50))
     'faults.add("slow-commit").onQuery(query="^COMMIT").delay(50)'
     >>> str(recorder.dump())
     'recorder.dump()'

@@ -38,7 +38,6 @@ from wirefault.protocols import Frame, FrameBatch
 
 from .fast_relay import FastRelay
 from .faults import FORWARD, Verdict
-from .faults import ConnectionState as RuleState
 from .lane import Closed, Held, Lane, Out
 from .recorder import RecorderSlot
 from .relay_io import EXECUTED, RelayIO, ResetConnections, SendCancelRequest, SetReading

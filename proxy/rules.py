@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from wirefault.protocols import Frame, FrameBatch, FrameRun, ProtocolSpec
+from wirefault.protocols.base import BACKEND, FRONTEND
 
 from . import dsl, faults
 from .faults import (
@@ -302,8 +303,14 @@ class RuleEngine:
                 continue  # never sees this direction
             if f.gate is None:
                 return None
-            types |= f.gate
+            types |= {t for t in f.gate if self._may_travel(t, from_client)}
         return frozenset(types)
+
+    def _may_travel(self, type_name: str, from_client: bool) -> bool:
+        """Whether frames of this type can come from that side (a Query never comes from
+        the server: a fault starting with onQuery() costs the server's reads nothing)."""
+        spec = self.protocol.messages.get(type_name)
+        return spec is None or (FRONTEND if from_client else BACKEND) in spec.directions
 
     # -- judging ---------------------------------------------------------------------------
 
@@ -380,9 +387,9 @@ class RuleEngine:
         state = conn.faults.get(f.uid)
         if state is None:
             state = self._state_for(f, conn)
-        if state.enabled is not True:
-            if state.enabled is False or not self._enable(f, state, conn):
-                return FORWARD
+        if state.enabled is not True and (
+                state.enabled is False or not self._enable(f, state, conn)):
+            return FORWARD
         if f.shared.killall_fired:
             return KILL
         for kind, a, b in f.steps:

@@ -8,8 +8,9 @@ fault needing a reconnection (Notify, NotifyAck, connect_delay on link A) with a
 link B that forces one (the worker restarts its source whenever the sink link breaks).
 
 Every fault has `must_fire`, so the runner keeps it armed until its proxy counts a frame
-the rule acted on (`proxy.status()`), and arms no later fault meanwhile (which keeps the
-pairs together): a busy machine makes the run longer, not different. The source streams
+that fault acted on (its `fired` in `faults.list()`: each arming is a named fault), and arms
+no later fault meanwhile (which keeps the pairs together): a busy machine makes the run
+longer, not different. The source streams
 slowly enough that the data outlasts the faults; the scenario's first check lets it finish
 at full speed.
 

@@ -143,8 +143,9 @@ def test_a_must_fire_fault_holds_the_clock_until_it_fired(
     assert summary["held"] >= 0.5
     later = events[seen_in_order.index(("armed", "later"))]
     assert later["t"] - summary["held"] >= 3.2 - 0.002, "later was not armed on the clock"
-    assert [row.message for row in FaultProxy(raw_proxy.fifo).dump()] == ["Data(data=ping)"], \
-        "the run read the recorder"
+    # the frame the fault acted on is marked with the proxy-side name the runner gave it
+    assert [row.message for row in FaultProxy(raw_proxy.fifo).dump()] == [
+        "Data(data=ping) [fault cut:1: kill]"], "the run read the recorder"
     assert echoes(raw_proxy.port) and echoes(other_raw_proxy.port)
 
 

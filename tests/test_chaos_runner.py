@@ -544,6 +544,46 @@ faults:
     assert echoes_text(raw_proxy.port, b"apple") and echoes_text(raw_proxy.port, b"banana")
 
 
+@pytest.mark.timeout(60)
+def test_must_fire_watches_each_faults_own_count(tmp_path: Path, raw_proxy: RunningProxy) -> None:
+    """Two must-fire faults in force together on one proxy: `apple` firing (the proxy's
+    total goes to 1) does not make `banana` look fired; banana fires only when its own
+    trigger comes."""
+    path = write(tmp_path, f"""\
+seed: 1
+duration: 1
+proxies:
+  echo: {{fifo: {raw_proxy.fifo}}}
+faults:
+  - {{name: apple, proxy: echo, command: 'conn.matches(b"^a").kill()', start_after: 0.1,
+     armed: 0.3, must_fire: 30}}
+  - {{name: banana, proxy: echo, command: 'conn.matches(b"^b").kill()', start_after: 0.2,
+     armed: 0.3, must_fire: 30}}
+""")
+    seen: list[dict] = []
+    sent: list[str] = []
+    with subprocess.Popen([str(WIREFAULT), "chaos", str(path), "--json"],
+                          stdout=subprocess.PIPE, text=True) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            seen.append(json.loads(line))
+            events = {(event["event"], event.get("fault")) for event in seen}
+            if not sent and {("armed", "apple"), ("armed", "banana")} <= events:
+                sent.append("apple")
+                assert not echoes_text(raw_proxy.port, b"apple")
+            if sent == ["apple"] and ("fired", "apple") in events:
+                time.sleep(0.3)  # three polls in which banana must not look fired
+                sent.append("banana")
+                assert not echoes_text(raw_proxy.port, b"banana")
+        status = process.wait(30)
+    assert status == chaos.EXIT_PASS, seen
+    fired = [(event["fault"], event["name"], event["frames"]) for event in seen
+             if event["event"] == "fired"]
+    assert fired == [("apple", "apple:1", 1), ("banana", "banana:1", 1)]
+    assert sent == ["apple", "banana"]
+    assert seen[-1]["fired"] == {"echo": 2}
+
+
 def test_json_timeline_and_a_failing_check(tmp_path: Path, raw_proxy: RunningProxy) -> None:
     path = write(tmp_path, live_scenario(raw_proxy.fifo, "conn.onData().reset()", """\
 checks:

@@ -119,7 +119,7 @@ def test_help_of_every_client_command_has_an_example(capsys, command):
 def test_main_help_lists_every_command(capsys):
     status, out, _ = run(capsys, "--help")
     assert status == 0 and "example:" in out
-    for command in ("send", "dump", "reset", "proxy", "chaos"):
+    for command in ("send", "dump", "reset", "faults", "status", "proxy", "chaos"):
         assert command in out
 
 

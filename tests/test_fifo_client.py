@@ -29,6 +29,7 @@ from wirefault.fifo_client import (
     builder,
     client,
     conn,
+    faults,
     parse_dump,
     recorder,
 )
@@ -390,7 +391,7 @@ def _rebuild(line: str) -> Command:
     while isinstance(node, ast.Call):
         calls.append(node)
         node = node.func.value
-    command = {"conn": conn, "recorder": recorder}[node.id]
+    command = {"conn": conn, "faults": faults, "recorder": recorder}[node.id]
     for call in reversed(calls):
         args = [ast.literal_eval(arg) for arg in call.args]
         kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
@@ -398,7 +399,7 @@ def _rebuild(line: str) -> Command:
     return command
 
 
-def test_every_citus_command_can_be_built():
+def test_every_citus_command_can_be_built_and_named():
     lines = [line for line in CITUS_COMMANDS.read_text().splitlines() if line.strip()]
     assert len(lines) > 300
     for line in lines:
@@ -406,6 +407,12 @@ def test_every_citus_command_can_be_built():
         expected, actual = dsl.parse(line), dsl.parse(str(built))
         if isinstance(expected, dsl.Rule):
             assert (actual.steps, actual.action) == (expected.steps, expected.action), line
+            # The same rule as a named fault, through the builder and from the text.
+            for named in (str(_rebuild(f'faults.add("citus"){built.chain}')),
+                          builder.fault_command("citus", line.strip().rstrip(";"))):
+                fault = dsl.parse(named)
+                assert (fault.name, fault.rule.steps, fault.rule.action) == \
+                    ("citus", expected.steps, expected.action), line
         else:
             assert actual.name == expected.name
 

@@ -119,3 +119,59 @@ def test_without_them_the_server_cannot_open_the_proxys_fifo(pg):
         with pytest.raises(psycopg.errors.InsufficientPrivilege,
                            match="wirefault: permission denied"):
             db.execute("SELECT wirefault.command('conn.allow()')")
+
+
+# -- named faults ------------------------------------------------------------------------------
+
+
+def test_wirefault_fault_helpers_against_the_real_proxy(db, pg, proxy):
+    db.execute("""SELECT wirefault.add_fault('kill-2', 'onQuery(query="^SELECT 2$").kill()')""")
+    db.execute("SELECT wirefault.add_fault('kill-3', %s)",
+               ('conn.onQuery(query="^SELECT 3$").kill()',))
+    for query in ("SELECT 2", "SELECT 3"):  # both in force at once
+        with (pg.connect(port=proxy.port, autocommit=True) as victim,
+              pytest.raises(psycopg.OperationalError)):
+            victim.execute(query)
+    with pg.connect(port=proxy.port, autocommit=True) as fine:
+        assert fine.execute("SELECT 4").fetchone() == (4,)
+    rows = db.execute("SELECT name, matched, fired, state, command, "
+                      "added BETWEEN now() - interval '1 minute' AND clock_timestamp() "
+                      "FROM wirefault.faults()").fetchall()
+    assert rows == [
+        ("kill-2", 1, 1, "active", 'faults.add("kill-2").onQuery(query="^SELECT 2$").kill()', True),
+        ("kill-3", 1, 1, "active", 'faults.add("kill-3").onQuery(query="^SELECT 3$").kill()', True),
+    ]
+    (status,), = db.execute("SELECT wirefault.command('proxy.status()')").fetchall()
+    assert "faults=2" in status.split() and status.startswith("connections=")
+    db.execute("SELECT wirefault.remove_fault('kill-2')")
+    with pg.connect(port=proxy.port, autocommit=True) as fine:
+        assert fine.execute("SELECT 2").fetchone() == (2,)
+    assert db.execute("SELECT name FROM wirefault.faults()").fetchall() == [("kill-3",)]
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as info:
+        db.execute("SELECT wirefault.remove_fault('kill-2')")
+    assert info.value.diag.message_primary.startswith("wirefault: column ")
+    assert "no fault named 'kill-2'" in info.value.diag.message_primary
+    db.execute("SELECT wirefault.clear_faults()")
+    assert db.execute("SELECT count(*) FROM wirefault.faults()").fetchone() == (0,)
+    with pg.connect(port=proxy.port, autocommit=True) as fine:
+        assert fine.execute("SELECT 3").fetchone() == (3,)
+
+
+def test_wirefault_add_fault_raises_the_proxys_error(db):
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as info:
+        db.execute("SELECT wirefault.add_fault('bad', 'onQuery().error(code=''nope'')')")
+    assert info.value.diag.message_primary.startswith("wirefault: column ")
+    assert "SQLSTATE" in info.value.diag.message_primary
+    assert db.execute("SELECT count(*) FROM wirefault.faults()").fetchone() == (0,)
+
+
+def test_a_spent_fault_stays_listed(db, pg, proxy):
+    db.execute("SELECT wirefault.add_fault('once', %s)",
+               ('onQuery(query="^SELECT 5$").once().kill()',))
+    with (pg.connect(port=proxy.port, autocommit=True) as victim,
+          pytest.raises(psycopg.OperationalError)):
+        victim.execute("SELECT 5")
+    with pg.connect(port=proxy.port, autocommit=True) as fine:
+        assert fine.execute("SELECT 5").fetchone() == (5,)
+    assert db.execute("SELECT name, fired, state FROM wirefault.faults()").fetchall() == [
+        ("once", 1, "spent")]

@@ -206,6 +206,88 @@ def test_concurrent_backends_each_get_their_own_reply(pg, helpers_loaded, fifo, 
                        for i in range(5)}
 
 
+# -- named faults -----------------------------------------------------------------------------
+
+
+def _sent(db: psycopg.Connection) -> str:
+    """The last command the helper process accepted."""
+    (reply,), = _rows(db, "SELECT * FROM citus.mitmproxy('test:rule')")
+    return reply.removeprefix("rule ")
+
+
+def _handled(db: psycopg.Connection) -> int:
+    (reply,), = _rows(db, "SELECT * FROM citus.mitmproxy('test:count')")
+    return int(reply)
+
+
+@pytest.mark.parametrize("chain", ['onQuery(query="^COMMIT").kill()',
+                                   '.onQuery(query="^COMMIT").kill()',
+                                   'conn.onQuery(query="^COMMIT").kill()',
+                                   '  conn . onQuery(query="^COMMIT").kill()  '])
+def test_wirefault_add_fault_sends_faults_add_with_the_chain(db, channel, chain):
+    assert _rows(db, "SELECT wirefault.add_fault('commit:kill', %s)::text", chain) == [("",)]
+    assert _sent(db).replace(" ", "") == 'faults.add("commit:kill").onQuery(query="^COMMIT").kill()'
+
+
+def test_wirefault_remove_and_clear_faults_send_their_commands(db, channel):
+    db.execute("SELECT wirefault.remove_fault('Slow-1.a_b')")
+    assert _sent(db) == 'faults.remove("Slow-1.a_b")'
+    db.execute("SELECT wirefault.clear_faults()")
+    assert _sent(db) == "faults.clear()"
+
+
+def test_wirefault_faults_reads_an_empty_list(db, channel):
+    # The helper process answers faults.list() with an empty line: no faults.
+    assert _rows(db, "SELECT * FROM wirefault.faults()") == []
+    assert _rows(db, "SELECT wirefault.command('faults.list()')") == [("",)]
+    (columns,), = _rows(db, "SELECT pg_get_function_result('wirefault.faults'::regproc)")
+    assert columns == ("TABLE(name text, matched bigint, fired bigint, added timestamp with "
+                       "time zone, state text, command text)")
+
+
+@pytest.mark.parametrize("name", [None, "", "a b", 'a")', "-a", "_a", "x" * 65, "é", "a\nb",
+                                  "a'b"])
+def test_a_bad_fault_name_is_refused_before_anything_is_sent(db, channel, name):
+    before = _handled(db)
+    for call in ("SELECT wirefault.add_fault(%s, 'kill()')", "SELECT wirefault.remove_fault(%s)"):
+        with pytest.raises(psycopg.errors.InvalidParameterValue) as info:
+            db.execute(call, (name,))
+        assert info.value.diag.message_primary.startswith("wirefault: bad fault name ")
+    assert _handled(db) == before + 1  # nothing but the first test:count arrived
+
+
+def test_a_longest_fault_name_is_fine(db, channel):
+    db.execute("SELECT wirefault.add_fault(%s, 'kill()')", ("x" * 64,))
+    assert _sent(db) == f'faults.add("{"x" * 64}").kill()'
+
+
+@pytest.mark.parametrize(("chain", "problem"), [
+    (None, "needs its steps and action"), ("  ", "needs its steps and action"),
+    ('faults.add("x").kill()', "without faults.*"), ("faults.list()", "without faults.*")])
+def test_a_chain_that_is_no_chain_is_refused(db, channel, chain, problem):
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match=re.escape(problem)):
+        db.execute("SELECT wirefault.add_fault('x', %s)", (chain,))
+
+
+def test_a_fault_the_proxy_refuses_raises_its_error(db, channel):
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as info:
+        db.execute("SELECT wirefault.add_fault('x', 'onQury().kill()')")
+    expected = _error_of('faults.add("x").onQury().kill()')
+    assert info.value.diag.message_primary == f"wirefault: {expected}"
+    assert info.value.diag.message_detail == 'command: faults.add("x").onQury().kill()'
+
+
+def test_the_fault_helpers_give_up_after_the_timeout_without_a_proxy(db, fifo):
+    db.execute("SET wirefault.timeout = 1")
+    for call in ("SELECT wirefault.add_fault('x', 'kill()')", "SELECT * FROM wirefault.faults()",
+                 "SELECT wirefault.remove_fault('x')", "SELECT wirefault.clear_faults()"):
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.ConnectionFailure, match="within 1 s"):
+            db.execute(call)
+        assert 0.9 <= time.monotonic() - started < 2.5
+    assert _rows(db, "SELECT 1") == [(1,)]
+
+
 # -- privileges -------------------------------------------------------------------------------
 
 TEST_ROLE = "wirefault_test_role"
@@ -232,6 +314,10 @@ def test_unprivileged_roles_need_the_documented_security_definer_setup(pg, helpe
                 assert _rows(user, "SELECT wirefault.command('conn.kill()')") == [("",)]
                 assert _rows(user, "SELECT * FROM wirefault.traffic()") == [
                     (0, "coordinator", "conn.kill()")]
+                # The fault helpers go through wirefault.command: the same three suffice.
+                user.execute("SELECT wirefault.add_fault('f', 'kill()')")
+                user.execute("SELECT wirefault.remove_fault('f'), wirefault.clear_faults()")
+                assert _rows(user, "SELECT count(*) FROM wirefault.faults()") == [(0,)]
                 with pytest.raises(psycopg.errors.InsufficientPrivilege):  # the inner one
                     user.execute("SELECT wirefault._exchange('conn.allow()', false)")
         finally:

@@ -40,6 +40,17 @@ from wirefault.proxy.rules import RuleEngine
 POSTGRES: ProtocolSpec = get("postgres")
 M = POSTGRES.messages
 ARMED_RULE = 'conn.onQuery(query="^NEVER").kill()'
+ONE_FAULT = ['faults.add("f0").onQuery(query="^NEVER").kill()']
+TEN_FAULTS = [
+    *(f'faults.add("f{i}").onQuery(query="^NEVER{i}").kill()' for i in range(4)),
+    'faults.add("f4").onCommandComplete(command="^NEVER").delay(10)',
+    'faults.add("f5").onErrorResponse(code="XX999").kill()',
+    'faults.add("f6").onParse(query="^NEVER").drop()',
+    'faults.add("f7").where(application_name="^never$").onExecute().kill()',
+    'faults.add("f8").fromServer().onDataRow().contains(b"NEVER").drop()',
+    'faults.add("f9").where(user="^nobody$").onSync().once().kill()',
+]
+"""Faults in force that never fire, on the types a session carries most."""
 TARGET_US = 5.0
 
 Exchange = tuple[bytes, bytes]
@@ -180,10 +191,17 @@ def feed_batches(reads: Reads, per_batch: PerBatch | None) -> None:
                 per_batch(batch, from_client)
 
 
-def read_path(rule: str) -> Callable[[], PerBatch]:
+def engine_with(rules: str | list[str]) -> RuleEngine:
+    engine = RuleEngine(POSTGRES)
+    for text in [rules] if isinstance(rules, str) else rules:
+        engine.set_rule_text(text)
+    return engine
+
+
+def read_path(rule: str | list[str]) -> Callable[[], PerBatch]:
     """What the relay layer does per read: decide the batch, then record it."""
     def factory() -> PerBatch:
-        engine = RuleEngine(POSTGRES, rule)
+        engine = engine_with(rule)
         state = ConnectionState()
         recorder = Recorder()
         slot = RecorderSlot()
@@ -220,8 +238,8 @@ def best_seconds(runs: int, prepare: Callable[[], object], work: Callable[[objec
     return best
 
 
-def armed_decider() -> PerFrame:
-    engine = RuleEngine(POSTGRES, ARMED_RULE)
+def armed_decider(rules: str | list[str] = ARMED_RULE) -> PerFrame:
+    engine = engine_with(rules)
     state = ConnectionState()
     decide = engine.decide
 
@@ -230,6 +248,10 @@ def armed_decider() -> PerFrame:
             raise AssertionError(f"the never-firing rule fired on {frame!r}")
 
     return judge
+
+
+def ten_faults_decider() -> PerFrame:
+    return armed_decider(TEN_FAULTS)
 
 
 def recorder_call() -> PerFrame:
@@ -295,10 +317,13 @@ def measure(reads: Reads, runs: int) -> dict[str, float]:
         "batch_framing": batching(None),
         "batch_path_armed": batching(read_path(ARMED_RULE)),
         "batch_path_allow": batching(read_path("conn.allow()")),
+        "batch_path_1_fault": batching(read_path(ONE_FAULT)),
+        "batch_path_10_faults": batching(read_path(TEN_FAULTS)),
         "decide": us(best_seconds(runs, fresh_frames, _each(armed_decider))),
         "decide_query_frame": us(best_seconds(runs, fresh_queries, _each(armed_decider)),
                                  len(queries)),
         "decide_allow": us(best_seconds(runs, fresh_frames, _each(allow_decider))),
+        "decide_10_faults": us(best_seconds(runs, fresh_frames, _each(ten_faults_decider))),
         "record": us(best_seconds(runs, fresh_frames, _each(recorder_call))),
     }
 
@@ -310,9 +335,12 @@ ROWS = (
     ("batch_framing", "framing as batches (feed_batch)"),
     ("batch_path_armed", "the proxy's read path: batch framing + decide + record"),
     ("batch_path_allow", "the same with conn.allow()"),
+    ("batch_path_1_fault", "the same with 1 named fault (faults.add)"),
+    ("batch_path_10_faults", "the same with 10 faults in force"),
     ("decide", "decide alone, averaged over all frames"),
     ("decide_query_frame", "decide alone, per Query frame (decodes the query)"),
     ("decide_allow", "decide alone with conn.allow()"),
+    ("decide_10_faults", "decide alone with 10 faults in force"),
     ("record", "Recorder.record alone"),
 )
 
