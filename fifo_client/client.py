@@ -56,9 +56,10 @@ class TrafficRow:
 class FaultInfo:
     """One fault in force on the proxy, as `faults.list()` reports it.
 
-    `matched`: frames that reached its action; `fired`: times it acted; `added`: when it
-    was added (UTC, millisecond precision); `state`: `active`, or `spent` once `times(n)`
-    is used up; `command`: its whole `faults.add(...)` command.
+    `matched`: frames that passed its filters (an `after()` or `probability()` may then
+    have let them through); `fired`: times it acted; `added`: when it was added (UTC,
+    millisecond precision); `state`: `active`, or `spent` once `times(n)` is used up;
+    `command`: its whole `faults.add(...)` command.
     """
 
     name: str

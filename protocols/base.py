@@ -433,6 +433,9 @@ class ProtocolSpec:
     """The parameters `error()` takes on this protocol; None: it cannot inject errors."""
     cancels_backends: bool = False
     """Whether `cancel()` without a pid can cancel the server's running work."""
+    closing_types: frozenset[str] = frozenset()
+    """Client messages that begin the client's close (PostgreSQL's Terminate: the server
+    ends the session on it, not on the FIN behind it), which slow_close holds with it."""
 
     def message(self, name: str) -> MessageSpec:
         return self.messages[name]

@@ -39,6 +39,7 @@ PROTOCOL = ProtocolSpec(
                     "Close": ("query",)},
     error_parameters=("code", "message", "severity"),
     cancels_backends=True,
+    closing_types=frozenset({"Terminate"}),
 )
 
 __all__ = [

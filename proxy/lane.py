@@ -127,7 +127,10 @@ class Lane:
         else:
             self.pop()
             piece, whole = data, True
-        self.next_free = max(self.next_free, now) + len(piece) / rate
+        # A timer that woke late is made up (the rate holds on average); after an idle
+        # spell the lane starts from now, so it never bursts what it did not use.
+        start = self.next_free if now - self.next_free < THROTTLE_TICK else now
+        self.next_free = start + len(piece) / rate
         return piece, whole
 
 

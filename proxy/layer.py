@@ -73,6 +73,9 @@ class WirefaultLayer(layer.Layer):
         self.hung: set[int] = set()
         """The faults whose hang() holds both lanes (until they are removed)."""
         self.slow_close: float | None = None
+        self.close_held = False
+        """slow_close already held the client's closing message (Terminate): the FIN
+        behind it is not held a second time."""
         self.start_pending = False
         """The connection started during a pause: it opens its upstream when released."""
         self.grace: commands.RequestWakeup | None = None
@@ -302,8 +305,11 @@ class WirefaultLayer(layer.Layer):
     def _update_lanes(self) -> None:
         """A read takes the lane's queue while anything holds or shapes it."""
         everything = bool(self.pause_token or self.hung)
+        # With slow_close on, client frames are judged one by one so a closing one is seen.
+        closing = self.slow_close is not None and bool(self.runtime.protocol.closing_types)
         for lane in (self.up, self.down):
-            lane.slow = everything or bool(lane.hold or lane.busy) or lane.shaped
+            lane.slow = everything or bool(lane.hold or lane.busy) or lane.shaped or (
+                closing and lane.from_client)
 
     def _pump_both(self) -> _Commands:
         yield from self._pump(self.up)
@@ -318,7 +324,8 @@ class WirefaultLayer(layer.Layer):
             if kind is Out:
                 yield from self._send_out(lane)
             elif kind is Closed:
-                if self.slow_close and not item.waited:  # type: ignore[union-attr]
+                if self.slow_close and not item.waited and not (  # type: ignore[union-attr]
+                        self.close_held and item.connection is self.context.client):  # type: ignore[union-attr]
                     item.waited = True  # type: ignore[union-attr]
                     yield self._pace(lane, self.slow_close)
                     continue
@@ -347,7 +354,7 @@ class WirefaultLayer(layer.Layer):
         judgement = self.runtime.engine.judge_one(frame, self.rule_state)
         self.runtime.recorder.record(self.slot, frame)
         if judgement is FORWARD:
-            if data:
+            if data and not (yield from self._hold_close(lane, frame, data)):
                 yield from self._emit(lane, data)
         else:
             yield from self._act(lane, frame, judgement, data)  # type: ignore[arg-type]
@@ -399,6 +406,8 @@ class WirefaultLayer(layer.Layer):
             for decision in judgement.shaping:
                 if decision.verdict is Verdict.SLICE:
                     pieces = decision.value
+            if (yield from self._hold_close(lane, frame, data)):
+                return
             for _ in range(1 + judgement.copies):
                 yield from self._emit(lane, data, pieces)
         elif verdict is Verdict.DROP:
@@ -414,10 +423,25 @@ class WirefaultLayer(layer.Layer):
             self.hung.add(judgement.end_fault)
             self._update_lanes()
             if end.value is not None:
-                yield self._timer(end.value, self._hang_timed_out)
+                uid = judgement.end_fault
+                yield self._timer(end.value, lambda: self._hang_timed_out(uid))
 
-    def _hang_timed_out(self) -> _Commands:
-        if self.hung and not self.dead:
+    def _hold_close(self, lane: Lane, frame: Frame, data: bytes
+                    ) -> layer.CommandGenerator[bool]:
+        """slow_close is on and `frame` begins the client's close: it goes out slow_close
+        later, as the close itself would. True when held."""
+        if not (self.slow_close and frame.from_client
+                and frame.type in self.runtime.protocol.closing_types):
+            return False
+        self.close_held = True
+        lane.push_front([Out(data)])
+        yield self._pace(lane, self.slow_close)
+        return True
+
+    def _hang_timed_out(self, uid: int) -> _Commands:
+        """hang(ms) ran out: close, unless that fault's hang was lifted meanwhile (another
+        fault's hang may hold the connection now, and it has no such timer)."""
+        if uid in self.hung and not self.dead:
             yield from self._close_everything()
 
     def _emit(self, lane: Lane, data: bytes, pieces: tuple[int, float] | None = None

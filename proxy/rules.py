@@ -257,7 +257,9 @@ class RuleEngine:
         self._changed()
 
     def in_force(self, uid: int) -> bool:
-        return any(f.uid == uid and not f.spent for f in self.faults)
+        """The fault is still listed: a spent fault too (times(n) used up), so that its
+        hang() lasts until it is removed, as faults.remove() promises."""
+        return any(f.uid == uid for f in self.faults)
 
     def names(self) -> list[str]:
         return [f.name for f in self.faults]

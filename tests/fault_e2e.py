@@ -4,10 +4,10 @@ A pytest plugin (the test modules name it in `pytest_plugins`), so that its sess
 proxies are one pair for all those modules, not a pair per module: starting a proxy takes
 about a second, and the whole set must stay quick.
 
-Every test runs against both launch modes: the `wirefault proxy` runner (the fast path
-reads the sockets itself) and mitmdump with the addon, with the fast path off so that
-every read goes through mitmproxy's own connection handler (the path Citus's harness may
-take). The layer is the same, the executor of its commands is driven two ways.
+Every test runs against both launch modes, `wirefault proxy` (the runner) and `mitmdump -s`
+(the addon, as Citus's harness starts it), and mitmdump once more with its fast path off,
+so that every read goes through mitmproxy's own connection handler: the layer is the same
+everywhere, but the executor of its commands is driven two ways (relay_io.py).
 
 Real PostgreSQL (the session's `pg`), real proxy processes, psycopg or raw sockets
 (pgwire.py) when a test must control exactly what is written and read.
@@ -40,7 +40,8 @@ from wirefault.fifo_client.client import FaultInfo
 
 LAUNCHES: dict[str, tuple[str, list[str]]] = {
     "runner": ("runner", []),
-    "mitmdump": ("mitmdump", ["--set", "fast_path=false"]),
+    "mitmdump": ("mitmdump", []),
+    "mitmdump-slow-path": ("mitmdump", ["--set", "fast_path=false"]),
 }
 
 TIMER_SLACK = 0.02

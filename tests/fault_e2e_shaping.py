@@ -1,17 +1,23 @@
-"""Shared parts of the end-to-end tests of issue #12's actions and filters (the
-tests/test_fault_*.py, test_filter_*.py and test_faults_compose.py modules).
+"""Shared parts of the end-to-end tests of issue #12's shaping actions and filters
+(test_fault_throttle / slice / slow_close / limit, test_filter_*, test_faults_compose).
 
-Every test runs against a real proxy process in both launch modes (`wirefault proxy` and
-`mitmdump -s`), in front of the session's real PostgreSQL. A module shares one proxy per
-launch mode (starting one costs about a second); `control` clears its faults and its
-recorder before and after each test, so a test sees only its own faults and frames.
+A pytest plugin: the test modules name it in `pytest_plugins`, so its session-scoped
+proxies are one pair for all of them (starting a proxy takes about a second). The fixture
+names carry a `wf_` prefix because a plugin's fixtures are seen by every module.
 
-The proxies log at INFO (`-v`, `termlog_verbosity=info`) so that the one-line record of
-each firing lands in their log file, which some tests read.
+Every test runs in both launch modes: the `wirefault proxy` runner (its fast path reads the
+sockets itself) and mitmdump with the addon, with the fast path off so that every read goes
+through mitmproxy's own connection handler. Real PostgreSQL (the session's `pg`), real
+proxy processes, psycopg or raw sockets. `wf_control` clears the faults and the recorder
+before and after each test, so a test sees only its own faults and frames; what stays from
+earlier tests (connection numbers, the total of firings, statement tracking once switched
+on) is what tests needing a clean proxy get from `fresh_proxy`.
 
-Import the fixtures by name into a test module:
+The proxies log at INFO (`-v` for both) so that the one-line record of each firing lands in
+their log file, which some tests read.
 
-    from fault_e2e_shaping import control, launch, proxy, table  # noqa: F401
+The test modules import helpers from here before pytest loads it as a plugin, too late for
+pytest to rewrite its asserts (it has none), hence: PYTEST_DONT_REWRITE.
 """
 
 from __future__ import annotations
@@ -34,8 +40,13 @@ from wirefault.fifo_client import FaultProxy
 LAUNCHES: dict[str, tuple[str, list[str]]] = {
     "runner": ("runner", ["-v"]),
     # -v wins over proxy_helpers' --set termlog_verbosity=warn (mitmproxy applies it last)
-    "mitmdump": ("mitmdump", ["-v"]),
+    "mitmdump": ("mitmdump", ["-v", "--set", "fast_path=false"]),
 }
+
+TIMER_SLACK = 0.02
+"""Seconds a measured hold may fall short of the one asked for: the proxy's event-loop
+timers count from a cached loop time and round to milliseconds, so one may fire a tick
+early. Far below every duration the tests measure."""
 
 FIRED_LINE = re.compile(r"wirefault: fired fault=(?P<fault>\S+) conn=(?P<conn>\d+) "
                         r"client=(?P<client>\S+) frame=(?P<frame>\S+) action=(?P<action>\S+)")
@@ -51,21 +62,23 @@ def fresh_proxy(upstream_port: int, launch: str, extra_args: list[str] | None = 
         yield running
 
 
-@pytest.fixture(scope="module", params=list(LAUNCHES))
-def launch(request) -> str:
+@pytest.fixture(scope="session", params=list(LAUNCHES))
+def wf_mode(request) -> str:
+    """The launch mode: a key of LAUNCHES."""
     return request.param
 
 
-@pytest.fixture(scope="module")
-def proxy(pg, launch) -> Iterator[RunningProxy]:
-    """One proxy per launch mode, shared by the module's tests."""
-    with fresh_proxy(pg.port, launch) as running:
+@pytest.fixture(scope="session")
+def wf_proxy(pg, wf_mode) -> Iterator[RunningProxy]:
+    """One postgres proxy per launch mode, shared by every test of these modules."""
+    with fresh_proxy(pg.port, wf_mode) as running:
         yield running
 
 
 @pytest.fixture
-def control(proxy) -> Iterator[FaultProxy]:
-    client = FaultProxy(proxy.fifo, timeout=10)
+def wf_control(wf_proxy) -> Iterator[FaultProxy]:
+    """The shared proxy's control channel, with no fault and nothing recorded."""
+    client = FaultProxy(wf_proxy.fifo, timeout=30)
     client.clear_faults()
     client.reset_traffic()
     yield client
@@ -73,7 +86,8 @@ def control(proxy) -> Iterator[FaultProxy]:
 
 
 @pytest.fixture
-def table(pg) -> Iterator[str]:
+def wf_table(pg) -> Iterator[str]:
+    """A fresh table (x int, payload text), dropped after the test."""
     name = f"shaping_{os.getpid()}_{time.monotonic_ns()}"
     with pg.connect(autocommit=True) as c:
         c.execute(f"CREATE TABLE {name} (x int, payload text)")
@@ -173,6 +187,33 @@ def exchange(sock: socket.socket, data: bytes) -> bytes:
     """Write `data`, return the reply up to and including ReadyForQuery."""
     sock.sendall(data)
     return read_until_ready(sock)
+
+
+def read_replies(sock: socket.socket, count: int) -> list[bytes]:
+    """The next `count` replies, each up to and including its ReadyForQuery."""
+    data, replies = b"", []
+    while len(replies) < count:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the connection closed before the replies")
+        data += chunk
+        while (end := _after_ready(data)) is not None:
+            replies.append(data[:end])
+            data = data[end:]
+    return replies
+
+
+def _after_ready(data: bytes) -> int | None:
+    """Where the first whole ReadyForQuery in `data` ends; None when there is none yet."""
+    at = 0
+    while at + 5 <= len(data):
+        end = at + 1 + struct.unpack("!I", data[at + 1:at + 5])[0]
+        if end > len(data):
+            return None
+        if data[at:at + 1] == b"Z":
+            return end
+        at = end
+    return None
 
 
 def read_to_eof(sock: socket.socket) -> bytes:

@@ -11,6 +11,7 @@ import select
 import time
 
 from fault_e2e import TIMER_SLACK, Harness, first_columns, read_replies
+from fifo_helpers import wait_until
 from pgwire import open_session, query_message
 from proxy_helpers import running_proxy
 
@@ -128,3 +129,14 @@ def test_jitter_is_drawn_from_the_seed(pg, fault_launch):
             assert first_columns(read_replies(first, 1)) == ["HIGH"]
             assert time.monotonic() - started >= (MS + 0.9 * JITTER) / 1000 - TIMER_SLACK
         assert [f.fired for f in control.faults()] == [1, 1]
+
+
+def test_a_close_behind_a_delayed_frame_waits_for_it(e2e: Harness):
+    """The client sends an INSERT and closes at once: the close keeps its place behind the
+    delayed INSERT, which the server still gets (and runs) before it sees the close."""
+    sock = e2e.session()
+    e2e.control.send(f'faults.add("slow").onQuery(query="INSERT INTO {e2e.table}")'
+                     '.delay(300)')
+    sock.sendall(query_message(f"INSERT INTO {e2e.table} VALUES (1)"))
+    sock.close()
+    assert wait_until(lambda: e2e.values() == [1], timeout=30), e2e.values()

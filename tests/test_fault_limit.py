@@ -6,14 +6,12 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+
 import psycopg
 import pytest
-from fault_e2e_shaping import (  # noqa: F401
-    control,
+from fault_e2e_shaping import (
     faults_by_name,
     fresh_proxy,
-    launch,
-    proxy,
     read_to_eof,
     split_messages,
     through,
@@ -22,6 +20,8 @@ from fault_e2e_shaping import (  # noqa: F401
 from pgwire import open_session, query_message, read_until_ready
 
 from wirefault.fifo_client import FaultProxy
+
+pytest_plugins = ["fault_e2e_shaping"]
 
 QUERY = "SELECT g, repeat('v', 50) FROM generate_series(1, 100) g"
 
@@ -35,27 +35,27 @@ def direct_reply(pg) -> bytes:
 
 @pytest.mark.parametrize("budget", [0, 7, 1000])
 @pytest.mark.parametrize("once", [False, True], ids=["every-row", "once"])
-def test_exactly_the_budget_passes_after_the_trigger_then_eof(proxy, pg, control, budget,
-                                                              once):
+def test_exactly_the_budget_passes_after_the_trigger_then_eof(wf_proxy, pg, wf_control,
+                                                              budget, once):
     """Firing on every DataRow (each firing can only lower what is left) or once: the same."""
     times = ".once()" if once else ""
-    control.send(f'faults.add("l").fromServer().onDataRow(){times}.limit({budget})')
+    wf_control.send(f'faults.add("l").fromServer().onDataRow(){times}.limit({budget})')
     expected = direct_reply(pg)
     first_row = expected.index(next(m for m in split_messages(expected) if m[:1] == b"D"))
-    with open_session(proxy.port) as sock:
+    with open_session(wf_proxy.port) as sock:
         sock.settimeout(30)
         sock.sendall(query_message(QUERY))
         got = read_to_eof(sock)
     assert got == expected[:first_row + budget], (len(got), first_row, budget)
-    _, fired, state = faults_by_name(control)["l"]
+    _, fired, state = faults_by_name(wf_control)["l"]
     assert fired >= 1 and state == ("spent" if once else "active")
 
 
-def test_a_client_sees_its_connection_closed_and_the_next_one_works(proxy, pg, control):
-    control.send('faults.add("l").fromServer().onDataRow().once().limit(100)')
-    with through(proxy, pg) as conn, pytest.raises(psycopg.OperationalError):
+def test_a_client_sees_its_connection_closed_and_the_next_one_works(wf_proxy, pg, wf_control):
+    wf_control.send('faults.add("l").fromServer().onDataRow().once().limit(100)')
+    with through(wf_proxy, pg) as conn, pytest.raises(psycopg.OperationalError):
         conn.execute(QUERY).fetchall()
-    with through(proxy, pg) as conn:  # spent: the next connection is whole again
+    with through(wf_proxy, pg) as conn:  # spent: the next connection is whole again
         assert len(conn.execute(QUERY).fetchall()) == 100
 
 
@@ -88,18 +88,20 @@ class CountingServer:
         return len(self.counts) == self.accepted
 
 
-def test_client_to_server_the_upstream_gets_exactly_the_budget(launch):
+def test_client_to_server_the_upstream_gets_exactly_the_budget(wf_mode):
     """On a raw proxy the server side can count: 10,000 bytes sent, 1234 arrive."""
     server = CountingServer()
     try:
-        with fresh_proxy(server.port, launch, protocol="raw") as raw:
+        with fresh_proxy(server.port, wf_mode, protocol="raw") as raw:
             FaultProxy(raw.fifo).send('faults.add("l").fromClient().limit(1234)')
             with socket.create_connection(("127.0.0.1", raw.port), timeout=30) as sock:
                 with contextlib.suppress(OSError):  # the proxy may close before all is sent
                     for _ in range(10):
                         sock.sendall(b"x" * 1000)
                 assert read_to_eof(sock) == b""  # closed by the proxy
-            wait_for(server.all_closed, 30, "the upstream connections to end")
+            # the upstream side may not even be accepted yet when the client sees its EOF
+            wait_for(lambda: server.all_closed() and any(server.counts), 30,
+                     "the upstream connection to end")
             counts = sorted(server.counts)
     finally:
         server.listener.close()

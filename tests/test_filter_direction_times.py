@@ -12,61 +12,59 @@ import threading
 
 import psycopg
 import pytest
-from fault_e2e_shaping import (  # noqa: F401
-    control,
+from fault_e2e_shaping import (
     count_and_sum,
     faults_by_name,
-    launch,
-    proxy,
-    table,
     through,
 )
 
 from wirefault.fifo_client import CommandError
 
+pytest_plugins = ["fault_e2e_shaping"]
+
 
 @pytest.mark.parametrize(("side", "rows"), [("fromClient", 0), ("fromServer", 1)])
-def test_the_direction_decides_which_copy_of_the_bytes_is_killed(proxy, pg, control, table,
-                                                                  side, rows):
+def test_the_direction_decides_which_copy_of_the_bytes_is_killed(
+        wf_proxy, pg, wf_control, wf_table, side, rows):
     """The marker travels both ways (in the INSERT and in the row RETURNING gives back)."""
-    control.send(f'faults.add("d").{side}().contains(b"dir-marker").kill()')
-    with through(proxy, pg) as conn, pytest.raises(psycopg.OperationalError):
-        conn.execute(f"INSERT INTO {table} VALUES (1, 'dir-marker') RETURNING payload")
-    assert count_and_sum(pg, table)[0] == rows
-    rendered = [r for r in control.dump() if r.message.endswith("[fault d: kill]")]
+    wf_control.send(f'faults.add("d").{side}().contains(b"dir-marker").kill()')
+    with through(wf_proxy, pg) as conn, pytest.raises(psycopg.OperationalError):
+        conn.execute(f"INSERT INTO {wf_table} VALUES (1, 'dir-marker') RETURNING payload")
+    assert count_and_sum(pg, wf_table)[0] == rows
+    rendered = [r for r in wf_control.dump() if r.message.endswith("[fault d: kill]")]
     assert [r.source for r in rendered] == ["coordinator" if rows == 0 else "worker"]
 
 
-def test_both_directions_are_seen_without_a_direction_filter(proxy, pg, control, table):
-    control.send('faults.add("d").contains(b"dir-marker").error("40001")')
-    with through(proxy, pg) as conn, pytest.raises(psycopg.errors.SerializationFailure):
-        conn.execute(f"INSERT INTO {table} VALUES (1, 'dir-marker') RETURNING payload")
-    assert count_and_sum(pg, table)[0] == 0  # the client's copy came first
+def test_both_directions_are_seen_without_a_direction_filter(wf_proxy, pg, wf_control, wf_table):
+    wf_control.send('faults.add("d").contains(b"dir-marker").error("40001")')
+    with through(wf_proxy, pg) as conn, pytest.raises(psycopg.errors.SerializationFailure):
+        conn.execute(f"INSERT INTO {wf_table} VALUES (1, 'dir-marker') RETURNING payload")
+    assert count_and_sum(pg, wf_table)[0] == 0  # the client's copy came first
 
 
-def test_times_fires_n_times_across_connections_then_is_spent(proxy, pg, control):
-    control.send('faults.add("n").onQuery(query="^SELECT .hit.").times(3).error("40001")')
+def test_times_fires_n_times_across_connections_then_is_spent(wf_proxy, pg, wf_control):
+    wf_control.send('faults.add("n").onQuery(query="^SELECT .hit.").times(3).error("40001")')
     failed = []
     for connection in range(2):
-        with through(proxy, pg) as conn:
+        with through(wf_proxy, pg) as conn:
             for index in range(3):
                 try:
                     assert conn.execute("SELECT 'hit'").fetchone() == ("hit",)
                 except psycopg.errors.SerializationFailure:
                     failed.append((connection, index))
     assert failed == [(0, 0), (0, 1), (0, 2)]
-    (fault,) = control.faults()
+    (fault,) = wf_control.faults()
     assert (fault.name, fault.fired, fault.state) == ("n", 3, "spent")
-    assert control.status()["faults"] == 1  # listed still
-    with through(proxy, pg) as conn:  # and traffic flows
+    assert wf_control.status()["faults"] == 1  # listed still
+    with through(wf_proxy, pg) as conn:  # and traffic flows
         assert conn.execute("SELECT 'hit'").fetchone() == ("hit",)
-    assert faults_by_name(control)["n"][1:] == (3, "spent")
+    assert faults_by_name(wf_control)["n"][1:] == (3, "spent")
 
 
-def test_times_counts_across_concurrent_connections(proxy, pg, control):
-    control.send('faults.add("n").onQuery(query="^SELECT .race.").times(3).error("40001")')
+def test_times_counts_across_concurrent_connections(wf_proxy, pg, wf_control):
+    wf_control.send('faults.add("n").onQuery(query="^SELECT .race.").times(3).error("40001")')
     failures: list[int] = []
-    connections = [through(proxy, pg) for _ in range(8)]
+    connections = [through(wf_proxy, pg) for _ in range(8)]
 
     def run(conn: psycopg.Connection) -> None:
         for _ in range(5):
@@ -83,34 +81,34 @@ def test_times_counts_across_concurrent_connections(proxy, pg, control):
     for conn in connections:
         conn.close()
     assert len(failures) == 3
-    assert faults_by_name(control)["n"][1:] == (3, "spent")
+    assert faults_by_name(wf_control)["n"][1:] == (3, "spent")
 
 
-def test_once_kills_one_connection_and_spares_the_next(proxy, pg, control):
-    control.send('faults.add("o").onQuery(query="^SELECT .once.").once().kill()')
-    with through(proxy, pg) as first, pytest.raises(psycopg.OperationalError):
+def test_once_kills_one_connection_and_spares_the_next(wf_proxy, pg, wf_control):
+    wf_control.send('faults.add("o").onQuery(query="^SELECT .once.").once().kill()')
+    with through(wf_proxy, pg) as first, pytest.raises(psycopg.OperationalError):
         first.execute("SELECT 'once'")
-    with through(proxy, pg) as second:
+    with through(wf_proxy, pg) as second:
         assert second.execute("SELECT 'once'").fetchone() == ("once",)
         assert second.execute("SELECT 'once'").fetchone() == ("once",)
-    assert faults_by_name(control)["o"][1:] == (1, "spent")
+    assert faults_by_name(wf_control)["o"][1:] == (1, "spent")
 
 
-def test_a_spent_fault_replaced_by_name_is_active_again(proxy, pg, control):
-    control.send('faults.add("o").onQuery(query="^SELECT .once.").once().error("40001")')
-    with through(proxy, pg) as conn:
+def test_a_spent_fault_replaced_by_name_is_active_again(wf_proxy, pg, wf_control):
+    wf_control.send('faults.add("o").onQuery(query="^SELECT .once.").once().error("40001")')
+    with through(wf_proxy, pg) as conn:
         with pytest.raises(psycopg.errors.SerializationFailure):
             conn.execute("SELECT 'once'")
         conn.execute("SELECT 'once'")
-        assert faults_by_name(control)["o"][1:] == (1, "spent")
-        control.send('faults.add("o").onQuery(query="^SELECT .once.").once().error("40001")')
-        assert faults_by_name(control)["o"] == (0, 0, "active")
+        assert faults_by_name(wf_control)["o"][1:] == (1, "spent")
+        wf_control.send('faults.add("o").onQuery(query="^SELECT .once.").once().error("40001")')
+        assert faults_by_name(wf_control)["o"] == (0, 0, "active")
         with pytest.raises(psycopg.errors.SerializationFailure):
             conn.execute("SELECT 'once'")
 
 
 @pytest.mark.parametrize("bad", ["times(0)", "times(-1)", "times(1.5)"])
-def test_times_below_one_is_refused(control, bad):
+def test_times_below_one_is_refused(wf_control, bad):
     with pytest.raises(CommandError):
-        control.send(f'faults.add("n").onQuery().{bad}.kill()')
-    assert control.faults() == []
+        wf_control.send(f'faults.add("n").onQuery().{bad}.kill()')
+    assert wf_control.faults() == []

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-from fault_e2e_shaping import (  # noqa: F401
-    control,
+from fault_e2e_shaping import (
+    error_code,
+    exchange,
     faults_by_name,
     fresh_proxy,
-    launch,
-    proxy,
+    read_replies,
     through,
 )
+from pgwire import open_session, query_message
 
 from wirefault.fifo_client import CommandError, FaultProxy
+
+pytest_plugins = ["fault_e2e_shaping"]
 
 QUERIES = 50
 CHAIN = '.onQuery(query="^SELECT .p.").probability(0.3).error("40001")'
@@ -47,10 +50,10 @@ def seeded_run(pg, launch: str, seed: int | None, proxy_seed: int | None = None
         return failed, faults_by_name(control)["p"]
 
 
-def test_the_same_seed_on_a_fresh_proxy_fails_the_same_queries(pg, launch):
-    first, first_counts = seeded_run(pg, launch, seed=7)
-    again, again_counts = seeded_run(pg, launch, seed=7)
-    other, _ = seeded_run(pg, launch, seed=8)
+def test_the_same_seed_on_a_fresh_proxy_fails_the_same_queries(pg, wf_mode):
+    first, first_counts = seeded_run(pg, wf_mode, seed=7)
+    again, again_counts = seeded_run(pg, wf_mode, seed=7)
+    other, _ = seeded_run(pg, wf_mode, seed=8)
     assert first == again
     assert first_counts == again_counts == (QUERIES, len(first), "active")
     assert other != first
@@ -58,33 +61,33 @@ def test_the_same_seed_on_a_fresh_proxy_fails_the_same_queries(pg, launch):
     assert 5 <= len(first) <= 25, first
 
 
-def test_the_proxy_s_seed_is_the_default_of_every_fault(pg, launch):
+def test_the_proxy_s_seed_is_the_default_of_every_fault(pg, wf_mode):
     """--seed (runner) / --set seed= (mitmdump) seeds a fault added without seed=."""
-    by_fault, _ = seeded_run(pg, launch, seed=7)
-    by_proxy, _ = seeded_run(pg, launch, seed=None, proxy_seed=7)
+    by_fault, _ = seeded_run(pg, wf_mode, seed=7)
+    by_proxy, _ = seeded_run(pg, wf_mode, seed=None, proxy_seed=7)
     assert by_proxy == by_fault
 
 
-def test_probability_draws_per_frame_within_one_connection(proxy, pg, control):
-    control.send(f'faults.add("p", seed=3){CHAIN}')
-    failed = failures(proxy, pg)
+def test_probability_draws_per_frame_within_one_connection(wf_proxy, pg, wf_control):
+    wf_control.send(f'faults.add("p", seed=3){CHAIN}')
+    failed = failures(wf_proxy, pg)
     assert 0 < len(failed) < QUERIES  # some of one connection's frames, not all
-    assert faults_by_name(control)["p"] == (QUERIES, len(failed), "active")
+    assert faults_by_name(wf_control)["p"] == (QUERIES, len(failed), "active")
 
 
 @pytest.mark.parametrize(("p", "expected"), [("0", 0), ("1", QUERIES), ("1.0", QUERIES)])
-def test_probability_zero_and_one(proxy, pg, control, p, expected):
-    control.send(f'faults.add("p").onQuery(query="^SELECT .p.").probability({p})'
+def test_probability_zero_and_one(wf_proxy, pg, wf_control, p, expected):
+    wf_control.send(f'faults.add("p").onQuery(query="^SELECT .p.").probability({p})'
                  '.error("40001")')
-    assert len(failures(proxy, pg)) == expected
+    assert len(failures(wf_proxy, pg)) == expected
 
 
-def test_connection_probability_decides_once_per_connection(proxy, pg, control):
-    control.send('faults.add("c", seed=11).onQuery(query="^SELECT .cp.")'
+def test_connection_probability_decides_once_per_connection(wf_proxy, pg, wf_control):
+    wf_control.send('faults.add("c", seed=11).onQuery(query="^SELECT .cp.")'
                  '.connectionProbability(0.5).error("40001")')
     outcomes = []
     for _ in range(20):
-        with through(proxy, pg) as conn:
+        with through(wf_proxy, pg) as conn:
             failed = 0
             for _ in range(5):
                 try:
@@ -93,12 +96,37 @@ def test_connection_probability_decides_once_per_connection(proxy, pg, control):
                     failed += 1
             outcomes.append(failed)
     assert set(outcomes) == {0, 5}, outcomes  # every frame of a connection alike, both kinds
-    assert faults_by_name(control)["c"][1] == sum(outcomes)
+    assert faults_by_name(wf_control)["c"][1] == sum(outcomes)
 
 
 @pytest.mark.parametrize("bad", ["probability(1.5)", "probability(-0.1)",
                                  "connectionProbability(2)"])
-def test_a_probability_outside_0_1_is_refused(control, bad):
+def test_a_probability_outside_0_1_is_refused(wf_control, bad):
     with pytest.raises(CommandError):
-        control.send(f'faults.add("p").onQuery().{bad}.kill()')
-    assert control.faults() == []
+        wf_control.send(f'faults.add("p").onQuery().{bad}.kill()')
+    assert wf_control.faults() == []
+
+
+def raw_failures(port: int, pipelined: bool) -> list[int]:
+    """QUERIES simple queries on a raw session, one at a time or all in one write: the
+    indexes the fault failed."""
+    queries = [query_message(f"SELECT 'p', {index}") for index in range(QUERIES)]
+    with open_session(port) as sock:
+        if pipelined:
+            sock.sendall(b"".join(queries))
+            replies = read_replies(sock, QUERIES)
+        else:
+            replies = [exchange(sock, query) for query in queries]
+    return [index for index, reply in enumerate(replies) if error_code(reply) == "40001"]
+
+
+def test_the_choices_depend_on_frames_not_on_reads_or_the_launch_mode(pg):
+    """The same seed and frames, cut into reads differently (one query per write, or all
+    fifty in one; the runner's fast path or mitmproxy's handler): the same choices, so a run
+    replays whatever the client's batching and however the proxy is started."""
+    runs = []
+    for mode, pipelined in (("runner", False), ("runner", True), ("mitmdump", True)):
+        with fresh_proxy(pg.port, mode) as fresh:
+            FaultProxy(fresh.fifo).send(f'faults.add("p", seed=7){CHAIN}')
+            runs.append(raw_failures(fresh.port, pipelined))
+    assert runs[0] and runs[0] == runs[1] == runs[2], runs

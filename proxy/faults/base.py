@@ -83,7 +83,9 @@ class ConnectionState:
     """Per-connection state of the fault engine."""
 
     number: int = 0
-    """The connection's number on this proxy (1, 2, ...), as the recorder numbers it."""
+    """The connection's number on this proxy: 1, 2, ... from its start, never reset (the
+    recorder numbers connections its own way, from 0 after each recorder.reset(), as
+    Citus's expected outputs show them)."""
     client: str = "?"
     """The client's address, HOST:PORT."""
     agent: ConnectionAgent | None = None
