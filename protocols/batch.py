@@ -155,6 +155,10 @@ class FrameBatch(Sequence[Frame]):
     def __len__(self) -> int:
         if self._frames is not None:
             return len(self._frames)
+        segments = self.segments
+        if len(segments) == 1:  # the usual read: one run, or one frame
+            only = segments[0]
+            return only.count if type(only) is FrameRun else 1  # type: ignore[union-attr]
         return sum(s.count if type(s) is FrameRun else 1 for s in self.segments)  # type: ignore[union-attr]
 
     def __bool__(self) -> bool:

@@ -322,8 +322,11 @@ class RuleEngine:
         with the judgement; None when all pass. Counts the frames (as the connection's
         frame numbers) before deciding each, as `decide` expects."""
         live = self._live
-        if not live:
-            self._count(conn, from_client, len(batch))
+        if not live:  # the proxy with nothing in force: count, nothing else
+            if from_client:
+                conn.client_frames_seen += len(batch)
+            else:
+                conn.server_frames_seen += len(batch)
             return None
         gate = None if self._killall_on else self._gates[0 if from_client else 1]
         decide = self.decide
@@ -331,14 +334,20 @@ class RuleEngine:
         for segment in batch.segments:
             if type(segment) is FrameRun:
                 if gate is not None and not segment.may_contain(segment.table.codes(gate)):
-                    self._count(conn, from_client, segment.count)
+                    if from_client:
+                        conn.client_frames_seen += segment.count
+                    else:
+                        conn.server_frames_seen += segment.count
                     index += segment.count
                     continue
                 frames: list[Frame] = segment.frames()
             else:
                 frames = [segment]  # type: ignore[list-item]
             for frame in frames:
-                self._count(conn, from_client, 1)
+                if from_client:
+                    conn.client_frames_seen += 1
+                else:
+                    conn.server_frames_seen += 1
                 judgement = decide(frame, conn)
                 if judgement is not FORWARD:
                     return index, judgement  # type: ignore[return-value]
@@ -358,71 +367,85 @@ class RuleEngine:
             conn.server_frames_seen += frames
 
     def decide(self, frame: Frame, conn: ConnectionState) -> Judgement | Decision:
-        """FORWARD when no fault acts on the frame, else the `Judgement`."""
+        """FORWARD when no fault acts on the frame, else the `Judgement`.
+
+        Each fault's chain is walked inline (this runs for every frame a gate lets through:
+        a call per fault would cost as much as the walk); a step that stops the frame
+        breaks out to the next fault."""
         judgement: Judgement | None = None
+        from_client = frame.from_client
+        states = conn.faults
         for f in self._live:
-            if f.from_client is not None and f.from_client != frame.from_client:
+            side = f.from_client
+            if side is not None and side is not from_client:
                 continue
-            decision = self._walk(f, frame, conn)
-            if decision is FORWARD or decision.verdict is Verdict.FORWARD:
+            state = states.get(f.uid)
+            if state is None:
+                state = self._state_for(f, conn)
+            if state.enabled is not True and (
+                    state.enabled is False or not self._enable(f, state, conn)):
                 continue
-            if judgement is None:
-                judgement = Judgement()
-            self._fired(f, frame, conn, judgement)
-            verdict = decision.verdict
-            if verdict in ENDS_THE_WALK:
-                judgement.end = decision
-                judgement.end_fault = f.uid
-                break
-            if verdict is Verdict.HOLD:
-                judgement.hold += decision.delay
-            elif verdict is Verdict.PAUSE_PROXY:
-                judgement.pause = max(judgement.pause, decision.delay)
-            elif verdict is Verdict.DUPLICATE:
-                judgement.copies += decision.value
-            else:
-                judgement.shaping.append(decision)
+            shared = f.shared
+            if shared.killall_fired:
+                if judgement is None:
+                    judgement = Judgement()
+                if self._add(f, KILL, frame, conn, judgement):
+                    break
+                continue
+            for kind, a, b in f.steps:
+                if kind == _FILTER:
+                    if frame.type != a and frame.alias != a:
+                        break
+                    if b and not _fields_match(frame, b):  # type: ignore[arg-type]
+                        break
+                elif kind == _DERIVED:
+                    if not _derived_match(frame, a, conn):  # type: ignore[arg-type]
+                        break
+                elif kind == _MATCH:
+                    if a.search(frame.data) is None:  # type: ignore[attr-defined]
+                        break
+                elif kind == _CONTAINS:
+                    if a not in frame.data:  # type: ignore[operator]
+                        break
+                elif kind == _AFTER:
+                    counts = state.after_counts
+                    if counts[a] < b:  # type: ignore[index,operator]
+                        counts[a] += 1  # type: ignore[index]
+                        shared.matched += 1
+                        break
+                # _PROBABILITY: seeded by (seed, fault, connection, direction, frame)
+                elif chance(shared.seed, f.name, a, conn.number, from_client,
+                            frame_number(frame, conn)) >= b:  # type: ignore[operator]
+                    shared.matched += 1
+                    break
+            else:  # every step passed (this `else` belongs to the loop over the faults)
+                shared.matched += 1
+                decision = f.fault.decide(frame, conn, shared)
+                if decision.verdict is not Verdict.FORWARD:
+                    if judgement is None:
+                        judgement = Judgement()
+                    if self._add(f, decision, frame, conn, judgement):
+                        break
         return FORWARD if judgement is None else judgement
 
-    def _walk(self, f: InstalledFault, frame: Frame, conn: ConnectionState) -> Decision:
-        """One fault's chain for one frame: its action's decision, or FORWARD."""
-        state = conn.faults.get(f.uid)
-        if state is None:
-            state = self._state_for(f, conn)
-        if state.enabled is not True and (
-                state.enabled is False or not self._enable(f, state, conn)):
-            return FORWARD
-        if f.shared.killall_fired:
-            return KILL
-        for kind, a, b in f.steps:
-            if kind == _FILTER:
-                if frame.type != a and frame.alias != a:
-                    return FORWARD
-                if b and not _fields_match(frame, b):  # type: ignore[arg-type]
-                    return FORWARD
-            elif kind == _DERIVED:
-                if not _derived_match(frame, a, conn):  # type: ignore[arg-type]
-                    return FORWARD
-            elif kind == _MATCH:
-                if a.search(frame.data) is None:  # type: ignore[attr-defined]
-                    return FORWARD
-            elif kind == _CONTAINS:
-                if a not in frame.data:  # type: ignore[operator]
-                    return FORWARD
-            elif kind == _AFTER:
-                counts = state.after_counts
-                if counts[a] < b:  # type: ignore[index,operator]
-                    counts[a] += 1  # type: ignore[index]
-                    f.shared.matched += 1
-                    return FORWARD
-            else:  # _PROBABILITY: seeded by (seed, fault, connection, direction, frame)
-                draw = chance(f.shared.seed, f.name, a, conn.number, frame.from_client,
-                              frame_number(frame, conn))
-                if draw >= b:  # type: ignore[operator]
-                    f.shared.matched += 1
-                    return FORWARD
-        f.shared.matched += 1
-        return f.fault.decide(frame, conn, f.shared)
+    def _add(self, f: InstalledFault, decision: Decision, frame: Frame,
+             conn: ConnectionState, judgement: Judgement) -> bool:
+        """Fault `f` acted: count it and add its decision; True when it ends the walk."""
+        self._fired(f, frame, conn, judgement)
+        verdict = decision.verdict
+        if verdict in ENDS_THE_WALK:
+            judgement.end = decision
+            judgement.end_fault = f.uid
+            return True
+        if verdict is Verdict.HOLD:
+            judgement.hold += decision.delay
+        elif verdict is Verdict.PAUSE_PROXY:
+            judgement.pause = max(judgement.pause, decision.delay)
+        elif verdict is Verdict.DUPLICATE:
+            judgement.copies += decision.value
+        else:
+            judgement.shaping.append(decision)
+        return False
 
     def _state_for(self, f: InstalledFault, conn: ConnectionState) -> FaultConnectionState:
         states = conn.faults

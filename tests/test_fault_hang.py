@@ -102,10 +102,6 @@ def test_hang_with_ms_fails_a_psycopg_query(e2e: Harness):
     assert conn.closed
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a spent hang() is lifted by the next unrelated faults command: WirefaultLayer."
-    "faults_changed keeps a hang only while engine.in_force(uid), which is False for a "
-    "spent fault (proxy/rules.py in_force), though the fault stays listed"))
 def test_a_spent_hang_lasts_until_it_is_removed(e2e: Harness):
     """times(1): the fault fires once and is spent, but stays listed; its hang() lasts until
     the fault is removed, and an unrelated command must not lift it."""
@@ -119,10 +115,6 @@ def test_a_spent_hang_lasts_until_it_is_removed(e2e: Harness):
     assert first_columns(read_replies(sock, 1)) == ["ONCE"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "hang(ms)'s timer is not tied to its fault: WirefaultLayer._hang_timed_out closes the "
-    "connection whenever any hang holds it (proxy/layer.py, `if self.hung`), so a removed "
-    "hang(600) closes a connection that a later untimed hang() now holds"))
 def test_a_removed_timed_hang_does_not_close_a_later_hang(e2e: Harness):
     """hang(600) fires and is removed before its 600 ms: its timer must not close the
     connection, not even while another, untimed hang() holds it."""
