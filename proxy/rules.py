@@ -84,8 +84,6 @@ class InstalledFault:
     """When the chain starts with side-effect-free steps and a message filter, the type it names: a
     frame of another type is forwarded with no side effect, so runs of frames none of which
     has that type need no decision (see `first_fault`)."""
-    needs_statements: bool
-    """A filter reads a derived field (the query a PostgreSQL Execute runs)."""
     spent: bool = False
 
     @property
@@ -287,7 +285,7 @@ class RuleEngine:
             from_client=None if not sides or len(set(sides)) > 1 else sides[0],
             times=min(times) if times else None, where=where,
             connection_probability=chances[0] if chances else None,
-            gate=_gate(rule), needs_statements=derived,
+            gate=_gate(rule),
         )
 
     def _changed(self) -> None:
