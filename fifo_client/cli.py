@@ -10,12 +10,13 @@
     wirefault reset
     wirefault wait-ready --timeout 30                        # exit 2 if no proxy answers
     wirefault proxy --listen 9060 --upstream localhost:5432 --fifo /tmp/wf.fifo
+    wirefault serve --config proxies.yaml                    # many proxies, one process
 
 Exit status: 0 on success, 1 when the proxy rejects the command (its message on stderr),
 or there is no fault of that name to remove, 2 when no proxy answers on the FIFO (or the
 command line is wrong).
 
-`proxy` and `chaos` are handed to their own modules, imported only then, so the client
+`proxy`, `serve` and `chaos` are handed to their own modules, imported only then, so the client
 commands never import mitmproxy.
 """
 
@@ -104,6 +105,12 @@ def _lazy_proxy(argv: list[str]) -> int:
     return runner.main(argv)
 
 
+def _lazy_serve(argv: list[str]) -> int:
+    from wirefault.proxy import serve
+
+    return serve.main(argv)
+
+
 def _lazy_chaos(argv: list[str]) -> int:
     from wirefault.fifo_client import chaos
 
@@ -112,6 +119,7 @@ def _lazy_chaos(argv: list[str]) -> int:
 
 LAZY_COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "proxy": _lazy_proxy,
+    "serve": _lazy_serve,
     "chaos": _lazy_chaos,
 }
 
@@ -304,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
         "wait until a proxy answers on the FIFO (exit 0), or the timeout passes (exit 2)")
     commands.add_parser("proxy", add_help=False,
                         help="run the proxy (wirefault proxy --help for its options)")
+    commands.add_parser("serve", add_help=False,
+                        help="run many proxies from a config file (wirefault serve --help)")
     commands.add_parser("chaos", add_help=False,
                         help="run a chaos scenario (wirefault chaos --help)")
     return parser

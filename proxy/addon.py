@@ -13,6 +13,7 @@ harness starts it), connections are relayed as raw TCP, not as the https mitmpro
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from mitmproxy import ctx
@@ -24,6 +25,7 @@ from wirefault import protocols
 
 from . import dsl, mitm_internals
 from .layer import WirefaultLayer
+from .proxy_registry import Proxy, ProxyError, ProxyRegistry, ProxySpec
 from .recorder import (
     DEFAULT_CLIENT_LABEL,
     DEFAULT_LIMIT,
@@ -42,8 +44,14 @@ DEFAULT_LABELS = f"{DEFAULT_CLIENT_LABEL},{DEFAULT_SERVER_LABEL}"
 
 
 class WirefaultAddon:
-    def __init__(self, option_names: dict[str, str] | None = None) -> None:
-        self.runtime: ProxyRuntime | None = None
+    def __init__(self, option_names: dict[str, str] | None = None,
+                 registry: ProxyRegistry | None = None) -> None:
+        self.serving = registry is not None
+        """`wirefault serve`: the registry's named proxies, each its own mode entry; else
+        one proxy, the registry's default, built from the options."""
+        self.registry = registry if registry is not None else ProxyRegistry()
+        self.registry.bind(self.make_runtime, self.reply, self.open_channel,
+                           self.apply_listeners)
         self.channel: CommandChannel | None = None
         self._running = False
         self.option_names = option_names or {}
@@ -90,6 +98,16 @@ class WirefaultAddon:
         loader.add_option("wirefault_flows", bool, False,
                           "Also create mitmproxy TCP flows and fire tcp_* hooks (slower).")
 
+    @property
+    def runtime(self) -> ProxyRuntime | None:
+        """The default proxy's runtime (`wirefault proxy`'s one)."""
+        default = self.registry.default
+        return default.runtime if default is not None else None
+
+    @runtime.setter
+    def runtime(self, runtime: ProxyRuntime) -> None:
+        self.registry.set_default(runtime)
+
     def option_error(self, option: str, problem: object) -> OptionsError:
         return OptionsError(f"{self.option_names.get(option, option)}: {problem}")
 
@@ -97,7 +115,9 @@ class WirefaultAddon:
         rebuild = {"protocol", "recorder_limit", "recorder_max_bytes", "source_labels",
                    "max_frame", "kill_grace", "wirefault_flows", "fast_path", "idle_timeout",
                    "seed"}
-        if self.runtime is None or updated & rebuild:
+        if self.serving:
+            pass  # the registry's proxies have their own runtimes (make_runtime)
+        elif self.runtime is None or updated & rebuild:
             self.runtime = self._build_runtime()
         elif "slug" in updated:
             try:
@@ -124,10 +144,12 @@ class WirefaultAddon:
             return True
         return False
 
-    def _build_runtime(self) -> ProxyRuntime:
+    def _build_runtime(self, spec: ProxySpec | None = None) -> ProxyRuntime:
+        """A proxy's runtime from the options; a named proxy's protocol and seed are its
+        own."""
         opts = ctx.options
         try:
-            protocol = protocols.get(opts.protocol)
+            protocol = protocols.get(spec.protocol if spec else opts.protocol)
         except ValueError as exc:
             raise self.option_error("protocol", exc) from None
         client_label, comma, server_label = opts.source_labels.partition(",")
@@ -144,7 +166,7 @@ class WirefaultAddon:
         try:
             runtime = ProxyRuntime.create(
                 protocol,
-                opts.slug,
+                None if spec else opts.slug,
                 limit=opts.recorder_limit,
                 client_label=client_label.strip() or DEFAULT_CLIENT_LABEL,
                 server_label=server_label.strip() or DEFAULT_SERVER_LABEL,
@@ -153,14 +175,45 @@ class WirefaultAddon:
                 make_flows=opts.wirefault_flows,
                 fast_path=opts.fast_path,
                 idle_timeout=self._seconds("idle_timeout") or None,
-                seed=opts.seed,
+                seed=opts.seed if spec is None or spec.seed is None else spec.seed,
                 edge=mitm_internals.MitmEdge(lambda: ctx.master.addons.get("proxyserver")),
             )
         except dsl.CommandError as exc:
             raise self.option_error("slug", exc) from None
         runtime.recorder.max_bytes = opts.recorder_max_bytes
-        logger.info("wirefault: protocol %s, rule %s", protocol.name, runtime.engine.rule_text)
+        logger.info("wirefault: %sprotocol %s, rule %s", f"proxy {spec.name}: " if spec else "",
+                    protocol.name, runtime.engine.rule_text)
         return runtime
+
+    def make_runtime(self, spec: ProxySpec) -> ProxyRuntime:
+        """A named proxy's runtime (the registry's way to build one)."""
+        try:
+            return self._build_runtime(spec)
+        except OptionsError as exc:
+            raise ProxyError(f"proxy {spec.name}: {exc}") from None
+
+    def open_channel(self, proxy: Proxy) -> CommandChannel | None:
+        """A named proxy's FIFO, answered by its own runtime (the registry's way to open
+        one); ProxyError naming the proxy when it cannot be served."""
+        from .command_channel import ChannelError
+
+        fifo = proxy.spec.fifo
+        if not fifo:
+            return None
+        try:
+            return self._open_fifo(fifo, lambda text: self.reply(proxy, text))
+        except ChannelError as exc:
+            raise ProxyError(f"proxy {proxy.name}: fifo {exc.path}: {exc.problem}") from None
+        except OptionsError as exc:
+            raise ProxyError(f"proxy {proxy.name}: {exc}") from None
+
+    async def apply_listeners(self, modes: list[str]) -> dict:
+        """Make mitmproxy listen for exactly `modes` (the registry's way to apply a change);
+        each listener's state by mode entry once the update is done."""
+        proxyserver = ctx.master.addons.get("proxyserver")
+        ctx.options.update(mode=modes)
+        await mitm_internals.listeners_updated(proxyserver)
+        return mitm_internals.listener_states(proxyserver)
 
     def _seconds(self, option: str, positive: bool = False) -> float:
         text = getattr(ctx.options, option)
@@ -178,6 +231,12 @@ class WirefaultAddon:
 
     def running(self) -> None:
         self._running = True
+        if self.serving:
+            self.registry.running = True
+            for problem in self.registry.open_channels():
+                # The serve runner's start-up check ends the start on the first.
+                logger.error("%s", problem)
+            return
         from .command_channel import ChannelError
 
         try:
@@ -190,6 +249,8 @@ class WirefaultAddon:
             logger.error("%s", exc)
 
     def done(self) -> None:
+        self.registry.running = False
+        self.registry.close_channels()
         if self.channel:
             self.channel.close()
             self.channel = None
@@ -198,26 +259,42 @@ class WirefaultAddon:
         if self.channel:
             self.channel.close()
             self.channel = None
-        if ctx.options.fifo:
-            from .command_channel import CommandChannel, parse_fifo_mode
+        if ctx.options.fifo and not self.serving:
+            self.channel = self._open_fifo(ctx.options.fifo, self.handle_command)
 
-            try:
-                mode = parse_fifo_mode(ctx.options.fifo_mode)
-            except ValueError as exc:
-                raise self.option_error("fifo_mode", exc) from None
-            channel = CommandChannel(  # an unknown fifo_group fails in start()
-                ctx.options.fifo, self.handle_command,
-                reply_timeout=self._seconds("fifo_reply_timeout", positive=True),
-                mode=mode, group=ctx.options.fifo_group or None,
-            )
-            channel.start()  # ChannelError: one line, nothing left behind
-            self.channel = channel
-            logger.info("wirefault: listening for commands on %s", ctx.options.fifo)
+    def _open_fifo(self, path: str, handle: Callable[[str], str]) -> CommandChannel:
+        from .command_channel import CommandChannel, parse_fifo_mode
+
+        try:
+            mode = parse_fifo_mode(ctx.options.fifo_mode)
+        except ValueError as exc:
+            raise self.option_error("fifo_mode", exc) from None
+        channel = CommandChannel(  # an unknown fifo_group fails in start()
+            path, handle,
+            reply_timeout=self._seconds("fifo_reply_timeout", positive=True),
+            mode=mode, group=ctx.options.fifo_group or None,
+        )
+        channel.start()  # ChannelError: one line, nothing left behind
+        logger.info("wirefault: listening for commands on %s", path)
+        return channel
 
     # -- layers ----------------------------------------------------------------------------
 
+    def client_connected(self, client) -> None:
+        """Under `wirefault serve` the connection strategy is each proxy's: lazy (the
+        upstream opened with the client's first bytes) unless its protocol's server may
+        speak first. `wirefault proxy` sets the option itself."""
+        if not self.serving:
+            return
+        runtime = self.registry.runtime_for(client.proxy_mode)
+        if runtime is not None and not runtime.protocol.client_speaks_first:
+            mitm_internals.set_connection_strategy(ctx.master.addons.get("proxyserver"),
+                                                   client.id, "eager")
+
     def next_layer(self, nextlayer: mitm_layer.NextLayer) -> None:
-        if self.runtime is not None and mitm_internals.is_raw_tcp_reverse_start(
+        # Whose connection this is: once per connection, by the listener that accepted it.
+        runtime = self.registry.runtime_for(nextlayer.context.client.proxy_mode)
+        if runtime is not None and mitm_internals.is_raw_tcp_reverse_start(
                 nextlayer, bare_is_tcp=self._raw_tcp_reverse):
             # A raw TCP reverse proxy is wirefault's whatever the client sends first. For a
             # ClientHello (PostgreSQL's sslnegotiation=direct) mitmproxy picks its own TLS
@@ -225,7 +302,7 @@ class WirefaultAddon:
             # relays TLS it does not terminate as opaque bytes. In the runner mitmproxy's
             # chooser has run already: its choice is undone first.
             mitm_internals.discard_layer_choice(nextlayer)
-            nextlayer.layer = WirefaultLayer(nextlayer.context, self.runtime)
+            nextlayer.layer = WirefaultLayer(nextlayer.context, runtime)
             return
         # Any other mode keeps mitmproxy's choice; only its plain TCP layer becomes ours.
         if nextlayer.layer is None:
@@ -234,50 +311,57 @@ class WirefaultAddon:
             if chooser is not None:
                 chooser.next_layer(nextlayer)
         chosen = nextlayer.layer
-        if type(chosen) is TCPLayer and self.runtime is not None:
+        if type(chosen) is TCPLayer and runtime is not None:
             layers = nextlayer.context.layers
             if layers and layers[-1] is chosen:
                 layers.pop()
-            nextlayer.layer = WirefaultLayer(nextlayer.context, self.runtime)
+            nextlayer.layer = WirefaultLayer(nextlayer.context, runtime)
 
     # -- commands --------------------------------------------------------------------------
 
-    def _status(self) -> str:
+    def _status(self, proxy: Proxy) -> str:
         import asyncio
 
-        assert self.runtime is not None
-        handlers = mitm_internals.handler_count(ctx.master.addons.get("proxyserver"))
-        engine = self.runtime.engine
-        return (f"connections={len(self.runtime.pause.connections)} handlers={handlers} "
+        runtime = proxy.runtime
+        proxyserver = ctx.master.addons.get("proxyserver")
+        handlers = (mitm_internals.handler_count(proxyserver) if proxy is self.registry.default
+                    else mitm_internals.handlers_of(proxyserver, proxy.specs))
+        engine = runtime.engine
+        return (f"connections={len(runtime.pause.connections)} handlers={handlers} "
                 f"tasks={len(asyncio.all_tasks())} fired={engine.fired_total} "
                 f"faults={len(engine.faults)}")
 
     def handle_command(self, text: str) -> str:
-        """The full reply to one command: "\\n" on success, the error line, or dump rows."""
-        assert self.runtime is not None
+        """The default proxy's reply to one command (its FIFO's handler)."""
+        assert self.registry.default is not None
+        return self.reply(self.registry.default, text)
+
+    def reply(self, proxy: Proxy, text: str) -> str:
+        """The full reply to one command for one proxy: "\n" on success, the error line,
+        or dump rows."""
+        runtime = proxy.runtime
         try:
-            parsed = self.runtime.engine.parse(text)
+            parsed = runtime.engine.parse(text)
         except dsl.CommandError as exc:
             logger.warning("wirefault: rejected command %r: %s", text, exc)
             return f"{exc}\n"
         if isinstance(parsed, dsl.ProxyCommand):
-            return f"{self._status()}\n" if parsed.name == "status" else "\n"
+            return f"{self._status(proxy)}\n" if parsed.name == "status" else "\n"
         if isinstance(parsed, dsl.RecorderCommand):
             if parsed.name == "dump":
-                rows = self.runtime.recorder.dump()
+                rows = runtime.recorder.dump()
                 return f"{rows}\n" if rows else ""
-            self.runtime.recorder.reset()
+            runtime.recorder.reset()
             return "\n"
         if isinstance(parsed, dsl.FaultCommand):
-            return self._fault_command(parsed)
-        self.runtime.engine.install(parsed)
-        self.runtime.faults_changed()
+            return self._fault_command(runtime, parsed)
+        runtime.engine.install(parsed)
+        runtime.faults_changed()
         logger.info("wirefault: rule %s", parsed.text)
         return "\n"
 
-    def _fault_command(self, command: dsl.FaultCommand) -> str:
-        assert self.runtime is not None
-        engine = self.runtime.engine
+    def _fault_command(self, runtime: ProxyRuntime, command: dsl.FaultCommand) -> str:
+        engine = runtime.engine
         if command.op == "list":
             return "".join(f"{line}\n" for line in engine.listing()) or "\n"
         if command.op == "add":
@@ -296,6 +380,5 @@ class WirefaultAddon:
         else:
             engine.clear()
             logger.info("wirefault: every fault cleared")
-        self.runtime.faults_changed()
+        runtime.faults_changed()
         return "\n"
-

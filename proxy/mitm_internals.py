@@ -41,6 +41,9 @@ def check_compatible() -> None:
 
     if "last_exception" not in ServerInstance.__annotations__:
         problems.append("ServerInstance.last_exception is gone")
+    if "_update_task" not in Proxyserver.__dict__ and \
+            "_update_task" not in Proxyserver.__annotations__:
+        problems.append("Proxyserver._update_task is gone")
     problems += _layer_choice_problems()
     if problems:
         raise RuntimeError("mitmproxy internals changed: " + "; ".join(problems))
@@ -226,3 +229,60 @@ class MitmEdge:
 
     def take_over(self, client_id: str) -> dict[Any, Any] | None:
         return take_over_transports(self._proxyserver(), client_id)
+
+
+# -- many proxies in one master (`wirefault serve`) ------------------------------------------
+#
+# Each proxy is one mode entry, `reverse:tcp://UPSTREAM@HOST:PORT`: mitmproxy's Proxyserver
+# runs one listener (ServerInstance) per entry, keyed by the parsed spec, and tags every
+# connection with its spec (`client.proxy_mode`). Changing the `mode` option while running
+# starts the new entries and stops the removed ones (Proxyserver.configure -> Servers.update,
+# a task); the others keep their listener.
+
+
+def listener_states(proxyserver: Any) -> dict[str, tuple[tuple[Any, ...], Exception | None]]:
+    """Every listener by its mode entry (`full_spec`): (its listen addresses, empty unless it
+    runs; the exception it failed with, or None)."""
+    return {instance.mode.full_spec: (tuple(instance.listen_addrs) if instance.is_running
+                                      else (), instance.last_exception)
+            for instance in proxyserver.servers}
+
+
+async def listeners_updated(proxyserver: Any) -> None:
+    """Wait until the listener update that a change of the `mode` option started is done
+    (mitmproxy runs it as a task, `Proxyserver._update_task`)."""
+    task = getattr(proxyserver, "_update_task", None)
+    if task is not None and not task.done():
+        await task
+
+
+def handlers_of(proxyserver: Any, specs: set[str] | frozenset[str]) -> int:
+    """mitmproxy's live connection handlers whose listener's mode entry is one of `specs`."""
+    return sum(1 for handler in proxyserver.connections.values()
+               if getattr(handler.client.proxy_mode, "full_spec", None) in specs)
+
+
+class _StrategyOptions:
+    """A connection's view of the options with its own `connection_strategy`."""
+
+    def __init__(self, options: Any, strategy: str) -> None:
+        object.__setattr__(self, "_options", options)
+        object.__setattr__(self, "connection_strategy", strategy)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._options, name)
+
+
+def set_connection_strategy(proxyserver: Any, client_id: str, strategy: str) -> bool:
+    """Give one connection its own `connection_strategy` (an option mitmproxy has once per
+    process): called from the `client_connected` hook, before its top layer starts; the
+    layers read it from their context, which each child layer shares. False when the
+    connection is unknown."""
+    handler = proxyserver.connections.get(client_id)
+    if handler is None:
+        return False
+    context = handler.layer.context
+    if getattr(context.options, "connection_strategy", None) != strategy:
+        base = getattr(context.options, "_options", context.options)
+        context.options = _StrategyOptions(base, strategy)
+    return True
