@@ -178,6 +178,12 @@ class WirefaultLayer(layer.Layer):
             self.timers[token] = self._hang_lifted
             self._deliver(events.Wakeup(token))
 
+    def shut_down(self) -> None:
+        """Its proxy was disabled or removed: close both sides (Toxiproxy's "down")."""
+        token = commands.RequestWakeup(0)
+        self.timers[token] = self._close_everything
+        self._deliver(events.Wakeup(token))
+
     def _deliver(self, event: events.Event) -> None:
         if self.io is not None:
             self.io.deliver(event)

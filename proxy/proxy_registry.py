@@ -213,15 +213,18 @@ class ProxyRegistry:
             proxy = self.get(name)
             self._forget(proxy)
             await self._apply_listeners(None)
+            proxy.runtime.close_connections()
             logger.info("wirefault: proxy %s removed", name)
 
     async def set_enabled(self, name: str, enabled: bool) -> Proxy:
-        """A disabled proxy does not listen (connections are refused); its FIFO, faults
-        and recorder stay."""
+        """A disabled proxy does not listen (connections are refused) and its live
+        connections are closed (Toxiproxy's "down"); its FIFO, faults and recorder stay."""
         async with self._lock:
             proxy = self.get(name)
             if proxy.spec.enabled != enabled:
                 await self._change(proxy, replace(proxy.spec, enabled=enabled))
+                if not enabled:
+                    proxy.runtime.close_connections()
             return proxy
 
     async def set_upstream(self, name: str, upstream: tuple[str, int]) -> Proxy:

@@ -66,6 +66,11 @@ class ProxyRuntime:
         client = f"{peername[0]}:{peername[1]}" if peername else "?"
         return RuleState(number=next(self._numbers), client=client, agent=agent)
 
+    def close_connections(self) -> None:
+        """Close every live connection of this proxy (it was disabled or removed)."""
+        for connection in list(self.pause.connections):
+            connection.shut_down()  # type: ignore[attr-defined]
+
     def faults_changed(self) -> None:
         """Tell every live connection that the faults in force changed (a hang() lifted,
         statements to track)."""

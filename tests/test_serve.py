@@ -254,7 +254,12 @@ async def _registry_scenario(tmp_path: Path) -> None:
         with pytest.raises(ProxyError, match="proxy first listens there already"):
             await registry.add_proxy(ProxySpec("other", ("127.0.0.1", first), ("h", 1)))
 
+        reader, writer = await asyncio.open_connection("127.0.0.1", added)
+        writer.write(b"live")
+        assert await asyncio.wait_for(reader.read(65536), 10) == b"1:live"
         await registry.set_enabled("added", False)
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # down: closed, not hung
+        writer.close()
         assert await _refused(added)
         assert await _exchange(first, b"c") == b"1:c"  # the others keep listening
         await registry.set_enabled("added", True)
