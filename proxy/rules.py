@@ -195,6 +195,8 @@ class RuleEngine:
         self.faults: list[InstalledFault] = []
         self.fired_total = 0
         self.fired_log: deque[Firing] = deque(maxlen=FIRED_LOG_SIZE)
+        self.on_fired: Callable[[Firing], None] | None = None
+        """Called with each Firing (the HTTP API's event log); None: nobody listens."""
         self.tracks_statements = False
         """Sticky: once a fault read a derived field, connections keep tracking them."""
         self._next_uid = 0
@@ -491,6 +493,8 @@ class RuleEngine:
         judgement.fired.append((f.name, f.action))
         firing = Firing(self.clock(), f.name, conn.number, conn.client, frame.type, f.action)
         self.fired_log.append(firing)
+        if self.on_fired is not None:
+            self.on_fired(firing)
         logger.info("wirefault: %s", firing.line())
 
     # -- what is in force, for faults.list() -----------------------------------------------

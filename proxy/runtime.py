@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,7 +53,8 @@ class ProxyRuntime:
     """cancel(pid)'s proxy-wide pause, and the registry of live connections it needs."""
     clock: Callable[[], float] = time.monotonic
     """The clock throttle() paces by."""
-    _numbers: itertools.count = field(default_factory=lambda: itertools.count(1))
+    connections_total: int = 0
+    """Connections this proxy has relayed (and numbered) since it started."""
 
     def new_rule_state(self, peername: tuple | None) -> RuleState:
         """A new connection's state for the fault engine: its number on this proxy, its
@@ -64,7 +64,8 @@ class ProxyRuntime:
         if agent is not None and self.engine.tracks_statements:
             agent.track_statements = True
         client = f"{peername[0]}:{peername[1]}" if peername else "?"
-        return RuleState(number=next(self._numbers), client=client, agent=agent)
+        self.connections_total += 1
+        return RuleState(number=self.connections_total, client=client, agent=agent)
 
     def close_connections(self) -> None:
         """Close every live connection of this proxy (it was disabled or removed)."""

@@ -75,7 +75,8 @@ proxies:
 """)
     ready_file = tmp_path / "ready"
     process = subprocess.Popen(
-        [WIREFAULT, "serve", "--config", str(config), "--ready-file", str(ready_file)],
+        [WIREFAULT, "serve", "--config", str(config), "--ready-file", str(ready_file),
+         "--api", "none"],  # no HTTP API: tests run in parallel (tests/test_http_api.py)
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
         start_new_session=True)
     try:
@@ -144,7 +145,8 @@ def test_three_proxies_each_with_its_own_faults_recorder_and_status(pg, tmp_path
 
 
 def run_serve(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([WIREFAULT, "serve", *args], capture_output=True, text=True,
+    return subprocess.run([WIREFAULT, "serve", "--api", "none", *args], capture_output=True,
+                          text=True,
                           timeout=60, stdin=subprocess.DEVNULL)
 
 
