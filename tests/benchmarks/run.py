@@ -107,7 +107,7 @@ def measure_all(bench: Bench, workloads: list[Workload], targets: list[Target], 
     """Fill samples[workload][target][round] with each measurement's figures (or its error)."""
     for workload in workloads:
         eligible = [t for t in targets if not workload.proxies_only or t.kind in
-                    ("wirefault", "mitmdump")]
+                    ("wirefault", "serve", "mitmdump")]
         for round_number in range(1, rounds + 1):
             for target in eligible:
                 time.sleep(PAUSE_BETWEEN_MEASUREMENTS)

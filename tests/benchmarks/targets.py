@@ -55,9 +55,15 @@ TARGETS: tuple[Target, ...] = (
     Target("wirefault-raw", "wirefault", ALLOW_RULE, protocol="raw", on_request=True,
            description="wirefault with --protocol raw: the relay alone, no framing "
                        "(the ceiling of the Python relay)"),
+    Target("wirefault-serve", "serve", NEVER_FIRING_RULE,
+           description=f"wirefault serve, five proxies configured, the first used, with "
+                       f"{NEVER_FIRING_RULE} (against wirefault-armed: the cost of many "
+                       f"proxies in one process)"),
     Target("haproxy", "haproxy",
            description="HAProxy mode tcp, one thread (the relay reference)"),
 )
+
+SERVE_PROXIES = 5
 
 
 @dataclass
@@ -123,6 +129,22 @@ def _mitmdump_command(port: int, upstream: int) -> list[str]:
             "--listen-host", "127.0.0.1", "--mode", f"reverse:tcp://127.0.0.1:{upstream}",
             "--set", "flow_detail=0", "--set", "termlog_verbosity=warn",
             "--set", "connection_strategy=lazy"]
+
+
+def _serve_command(port: int, upstream: int, rule: str, workdir: str) -> list[str]:
+    """`wirefault serve` with SERVE_PROXIES proxies to the same server; the first on `port`
+    (the one measured) holds `rule`, the others are idle."""
+    lines = ["proxies:"]
+    ports = [port] + [free_port() for _ in range(SERVE_PROXIES - 1)]
+    for index, listen in enumerate(ports):
+        lines += [f"  - name: pg{index}", f"    listen: 127.0.0.1:{listen}",
+                  f"    upstream: 127.0.0.1:{upstream}"]
+        if index == 0:
+            lines += ["    faults:", f"      - '{rule}'"]
+    config = os.path.join(workdir, "proxies.yaml")
+    with open(config, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return [sys.executable, "-m", "wirefault.proxy.serve", "--config", config, "--api", "none"]
 
 
 def _wirefault_command(port: int, upstream: int, rule: str, protocol: str) -> list[str]:
@@ -196,6 +218,8 @@ def started(target: Target, pg: PostgresServer, haproxy: str | None = None
         elif target.kind == "wirefault":
             command = _wirefault_command(port, pg.port, target.rule or ALLOW_RULE,
                                          target.protocol)
+        elif target.kind == "serve":
+            command = _serve_command(port, pg.port, target.rule or ALLOW_RULE, workdir)
         elif target.kind == "haproxy":
             if haproxy is None:
                 raise RuntimeError("haproxy is not installed")
