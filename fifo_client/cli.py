@@ -12,9 +12,12 @@
     wirefault proxy --listen 9060 --upstream localhost:5432 --fifo /tmp/wf.fifo
     wirefault serve --config proxies.yaml                    # many proxies, one process
 
+Every client command takes `--fifo PATH` (default $WIREFAULT_FIFO), or `--api URL --proxy
+NAME` (or `--api http://HOST:PORT/proxies/NAME`) for a proxy of `wirefault serve`.
+
 Exit status: 0 on success, 1 when the proxy rejects the command (its message on stderr),
-or there is no fault of that name to remove, 2 when no proxy answers on the FIFO (or the
-command line is wrong).
+or there is no fault of that name to remove, 2 when no proxy answers on the FIFO or the API
+(or the command line is wrong).
 
 `proxy`, `serve` and `chaos` are handed to their own modules, imported only then, so the client
 commands never import mitmproxy.
@@ -28,6 +31,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from . import http_transport
 from .client import (
     DEFAULT_TIMEOUT,
     FaultInfo,
@@ -268,8 +272,14 @@ def _positive(text: str) -> float:
 
 def _connection_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--fifo", metavar="PATH", default=os.environ.get(FIFO_ENV),
+    common.add_argument("--fifo", metavar="PATH", default=None,
                         help=f"the proxy's command FIFO (default: ${FIFO_ENV})")
+    common.add_argument("--api", metavar="URL",
+                        help="instead of a FIFO, the HTTP API of wirefault serve: "
+                             "http://HOST:PORT with --proxy NAME, or "
+                             "http://HOST:PORT/proxies/NAME (token: $WIREFAULT_API_TOKEN)")
+    common.add_argument("--proxy", metavar="NAME",
+                        help="with --api URL: the proxy of wirefault serve to drive")
     common.add_argument("--timeout", type=_positive, default=DEFAULT_TIMEOUT,
                         metavar="SECONDS",
                         help=f"give up when no proxy answers in time (default "
@@ -356,15 +366,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(arguments)
     except SystemExit as exit_:  # --help, or a usage error already printed
         return exit_.code if isinstance(exit_.code, int) else EXIT_UNAVAILABLE
-    if not args.fifo:
-        print(f"wirefault {args.label}: no FIFO: give --fifo PATH or set {FIFO_ENV}",
-              file=sys.stderr)
+    target, problem = _target(args)
+    if problem is not None:
+        print(f"wirefault {args.label}: {problem}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    return _run(args)
+    return _run(args, target)
 
 
-def _run(args: argparse.Namespace) -> int:
-    proxy = FaultProxy(args.fifo, timeout=args.timeout)
+def _target(args: argparse.Namespace) -> tuple[str, str | None]:
+    """What `FaultProxy` is given (a FIFO path or a proxy's API URL), or the usage problem:
+    `--api URL --proxy NAME`, `--api URL/proxies/NAME`, `--fifo PATH`, `$WIREFAULT_FIFO`."""
+    if args.api is None:
+        if args.proxy is not None:
+            return "", "--proxy NAME needs --api URL"
+        fifo = args.fifo or os.environ.get(FIFO_ENV)
+        if not fifo:
+            return "", f"no FIFO: give --fifo PATH or set {FIFO_ENV}"
+        return fifo, None
+    if args.fifo is not None:
+        return "", "give --fifo PATH or --api URL, not both"
+    api = args.api if http_transport.is_api_url(args.api) else f"http://{args.api}"
+    try:
+        name: str | None = http_transport.parse_proxy_url(api)[1]
+    except ValueError:
+        name = None
+    if args.proxy is None:
+        if name is None:
+            return "", (f"--api {args.api}: which proxy? give --proxy NAME or a URL "
+                        "ending in /proxies/NAME")
+        return api, None
+    if name is not None:
+        if name != args.proxy:
+            return "", f"--api {args.api} names proxy {name!r}, --proxy {args.proxy!r}"
+        return api, None
+    if not args.proxy:
+        return "", "--proxy: expected a proxy name"
+    return http_transport.proxy_url(api, args.proxy), None
+
+
+def _run(args: argparse.Namespace, target: str) -> int:
+    try:
+        proxy = FaultProxy(target, timeout=args.timeout)
+    except ValueError as exc:
+        print(f"wirefault {args.label}: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     try:
         return args.run(proxy, args)
     except CommandError as exc:

@@ -1,4 +1,5 @@
-"""`FaultProxy`: send commands to a running wirefault proxy through its FIFO.
+"""`FaultProxy`: send commands to a running wirefault proxy through its FIFO, or to a proxy
+of `wirefault serve` through its HTTP API (`FaultProxy("http://127.0.0.1:8474/proxies/pg")`).
 
     >>> from wirefault.fifo_client import FaultProxy, conn
     >>> proxy = FaultProxy("/tmp/wirefault.fifo")                      # doctest: +SKIP
@@ -12,7 +13,8 @@
 
 Safe to share between threads, and between processes using the same FIFO: each exchange
 holds an exclusive `flock` on `<fifo>.lock` (and a thread lock), so commands never
-interleave and nobody reads somebody else's reply.
+interleave and nobody reads somebody else's reply. Over HTTP each call is one request
+(`POST /api/proxies/NAME/commands`), which the server answers with the same reply text.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from . import transport
+from . import http_transport, transport
 from .builder import Command, check_fault_name, command_text, fault_command, render_literal
 from .errors import CommandError, WirefaultError
 
@@ -71,20 +73,34 @@ class FaultInfo:
 
 
 class FaultProxy:
-    """A client of the proxy listening on `fifo_path`.
+    """A client of the proxy listening on `fifo_path`, or, when it is an `http://` or
+    `https://` URL, of the proxy of `wirefault serve` it names:
+    `http://HOST:PORT/proxies/NAME` (Toxiproxy's shape) or `http://HOST:PORT/api/proxies/NAME`.
+    Both transports give the same replies, results and exceptions.
 
     `timeout` bounds each whole call (waiting for other clients, the proxy reading the
-    command, and the reply); `ProxyUnavailable` is raised when it runs out.
+    command, and the reply; over HTTP, waiting for the server to listen and the proxy to
+    exist); `ProxyUnavailable` is raised when it runs out. `token` (HTTP only; default
+    `$WIREFAULT_API_TOKEN`) is sent as `Authorization: Bearer TOKEN`.
 
     >>> proxy = FaultProxy("/tmp/wirefault.fifo", timeout=5)          # doctest: +SKIP
     >>> proxy.send('conn.onQuery(query="^COMMIT").kill()')            # doctest: +SKIP
     ''
+    >>> FaultProxy("http://127.0.0.1:8474/proxies/pg").faults()       # doctest: +SKIP
+    []
     """
 
-    def __init__(self, fifo_path: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, fifo_path: str, timeout: float = DEFAULT_TIMEOUT,
+                 token: str | None = None) -> None:
         self.fifo_path = str(fifo_path)
         self.timeout = timeout
         self._lock = threading.Lock()
+        self._http: http_transport.HttpChannel | None = None
+        if http_transport.is_api_url(self.fifo_path):
+            self._http = http_transport.HttpChannel(self.fifo_path, token)
+        elif token is not None:
+            raise ValueError("token= is for an API URL (http://HOST:PORT/proxies/NAME), "
+                             f"not a FIFO: {self.fifo_path!r}")
 
     def __repr__(self) -> str:
         return f"FaultProxy({self.fifo_path!r}, timeout={self.timeout!r})"
@@ -200,8 +216,15 @@ class FaultProxy:
             raise
         lift()
 
+    @property
+    def url(self) -> str | None:
+        """The proxy's API URL as given, None for a FIFO client."""
+        return self.fifo_path if self._http is not None else None
+
     def _exchange(self, text: str) -> str:
         deadline = transport.Deadline(self.timeout)
+        if self._http is not None:
+            return _strip_final_newline(self._http.exchange(text, deadline))
         with transport.thread_lock(self._lock, self.fifo_path, deadline), \
                 transport.exclusive_lock(self.fifo_path, deadline):
             reply = transport.exchange(self.fifo_path, (text + "\n").encode("utf-8"), deadline)

@@ -13,6 +13,9 @@
     GET    /api/proxies/NAME/recorder        [{conn, source, message}] since the last
                                               dump or reset (a dump empties it, as over FIFO)
     DELETE /api/proxies/NAME/recorder        (recorder.reset())              -> 204
+    POST   /api/proxies/NAME/commands        {command} -> 200 {"reply": TEXT}: any command,
+                                              TEXT the exact reply its FIFO would give (an
+                                              error line for a rejected command, still 200)
     GET    /api/events?after=N&timeout=S&proxy=P&fault=F
                                              {"events": [...], "last": N}: the events after
                                               N at once, else waits up to S seconds (max 300)
@@ -428,6 +431,40 @@ class RecorderHandler(ApiHandler):
         self.write_json(None, 204)
 
 
+class CommandsHandler(ApiHandler):
+    """Any command of the language, answered with the exact text the proxy's FIFO would
+    reply (the same function, the same trimming, the same handling of a failing handler and
+    of a reply UTF-8 cannot encode): `{"reply": TEXT}`, 200 even for a rejected command, so
+    a client parses one reply whichever transport carried it. 400 only for a body that is
+    no `{"command": "..."}`, 404 for an unknown proxy."""
+
+    def post(self, name: str) -> None:
+        from .command_channel import MAX_COMMAND_BYTES, _one_line
+
+        proxy = self.proxy(name)
+        body = self.json_object(("command",))
+        command = body.get("command")
+        if not isinstance(command, str):
+            self.fail(400, f"command: expected a string, got {command!r}")
+        # The FIFO counts the command's bytes with the client's final newline.
+        if len(command.encode("utf-8", "surrogatepass")) + 1 > MAX_COMMAND_BYTES:
+            reply = f"command longer than {MAX_COMMAND_BYTES} bytes\n"
+        else:
+            text = command.strip()
+            reply_to = self.registry._reply
+            assert reply_to is not None, "registry not bound"
+            try:
+                reply = reply_to(proxy, text)
+            except Exception as exc:  # as CommandChannel._run_handler words it
+                logger.exception("wirefault: proxy %s: command %r failed", name, text)
+                reply = f"internal error: {type(exc).__name__}: {_one_line(str(exc))}\n"
+            if not isinstance(reply, str):
+                reply = f"internal error: handler returned {type(reply).__name__}\n"
+        # What the FIFO's bytes decode to (CommandChannel._encode, then the client's decode).
+        reply = reply.encode("utf-8", "backslashreplace").decode("utf-8", "replace")
+        self.write_json({"reply": reply})
+
+
 class EventsHandler(ApiHandler):
     async def get(self) -> None:
         after = self._number("after", 0, int)
@@ -506,6 +543,7 @@ def native_routes() -> list[tuple[str, type, dict]]:
         (rf"/api/proxies/{_NAME}/faults/?", FaultsHandler, {}),
         (rf"/api/proxies/{_NAME}/faults/{_NAME}", FaultHandler, {}),
         (rf"/api/proxies/{_NAME}/recorder/?", RecorderHandler, {}),
+        (rf"/api/proxies/{_NAME}/commands/?", CommandsHandler, {}),
         (r"/api/events/?", EventsHandler, {}),
         (r"/metrics", MetricsHandler, {}),
     ]
