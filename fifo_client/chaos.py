@@ -102,7 +102,7 @@ class Runner:
         self.schedule = schedule
         self.reporter = reporter
         self.tally = Tally()
-        self.clients = {name: FaultProxy(spec.fifo, timeout=scenario.timeout)
+        self.clients = {name: FaultProxy(spec.target, timeout=scenario.timeout)
                         for name, spec in scenario.proxies.items()}
         self.clock = ScenarioClock()
         self._in_flight: set[asyncio.Future[Any]] = set()

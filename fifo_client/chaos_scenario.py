@@ -5,9 +5,10 @@ A scenario (YAML; unknown keys are errors, reported with file, line and key):
     seed: 42                       # required integer: same seed, same schedule
     duration: 20                   # required seconds; faults are lifted by then
     timeout: 5                     # optional seconds per FIFO command (default 5)
-    proxies:                       # required: name -> where its FIFO is
+    proxies:                       # required: name -> where its FIFO or API URL is
       source_link:
-        fifo: /tmp/a.fifo          # relative paths start at the scenario's folder
+        fifo: /tmp/a.fifo          # relative paths start at the scenario's folder; or
+                                   #   api: http://HOST:PORT/proxies/NAME (exactly one)
         protocol: wallaroo         # optional: check commands against this protocol
                                    #   (without it: valid for at least one protocol)
     faults:                        # required, non-empty
@@ -68,8 +69,14 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class ProxySpec:
     name: str
-    fifo: str
+    fifo: str | None
     protocol: str | None
+    api: str | None = None
+
+    @property
+    def target(self) -> str:
+        """What `FaultProxy` is given: the API URL, else the FIFO path."""
+        return self.api or self.fifo or ""
 
 
 @dataclass(frozen=True)
@@ -229,14 +236,17 @@ class _Reader:
             raise _yaml_error(self.path, exc, key) from None
 
     def mapping(self, node: yaml.Node, key: str, required: tuple[str, ...],
-                optional: tuple[str, ...]) -> Fields:
-        """The mapping's known keys; unknown, duplicate and missing keys are reported."""
+                optional: tuple[str, ...], alternatives: dict[str, str] | None = None
+                ) -> Fields:
+        """The mapping's known keys; unknown, duplicate and missing keys are reported.
+        `alternatives` maps a further key to the one it may stand in for."""
         if not isinstance(node, yaml.MappingNode):
             self.fail(node, key, f"expected a mapping, got {self.describe(node, key)}")
         fields: Fields = {}
         known = required + optional
         for key_node, value_node in node.value:
-            name = self.attempt(self.key_name, key_node, key, known, fields)
+            name = self.attempt(self.key_name, key_node, key, known, fields,
+                                alternatives or {})
             if name is not None:
                 fields[name] = (key_node, value_node)
         for name in required:
@@ -245,17 +255,19 @@ class _Reader:
         return fields
 
     def key_name(self, node: yaml.Node, key: str, known: tuple[str, ...],
-                 fields: Fields) -> str:
+                 fields: Fields, alternatives: dict[str, str]) -> str:
         name = self.construct(node, key)
         where = _join(key, str(name))
         if not isinstance(name, str):
             self.fail(node, where, "keys must be strings")
         if name in fields:
             self.fail(node, where, "duplicate key")
-        if name not in known:
-            hint = difflib.get_close_matches(name, known, n=1)
+        if name not in known and name not in alternatives:
+            hint = difflib.get_close_matches(name, (*known, *alternatives), n=1)
             suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-            self.fail(node, where, f"unknown key (expected {', '.join(known)}){suggestion}")
+            instead = "".join(f", or {alt} in place of {of}" for alt, of in alternatives.items())
+            self.fail(node, where,
+                      f"unknown key (expected {', '.join(known)}){instead}{suggestion}")
         return name
 
     def sequence(self, node: yaml.Node, key: str) -> list[yaml.Node]:
@@ -344,7 +356,7 @@ class _Reader:
 
     def proxies(self, node: yaml.Node, key: str) -> dict[str, ProxySpec]:
         if not isinstance(node, yaml.MappingNode) or not node.value:
-            self.fail(node, key, "expected a mapping of proxy names to {fifo: PATH}")
+            self.fail(node, key, "expected a mapping of proxy names to {fifo: PATH} or {api: URL}")
         proxies: dict[str, ProxySpec] = {}
         for key_node, value_node in node.value:
             name = self.attempt(self.proxy_name, key_node, key)
@@ -368,12 +380,30 @@ class _Reader:
 
     def proxy(self, node: yaml.Node, key: str, name: str) -> ProxySpec | None:
         count = len(self.errors)
-        fields = self.mapping(node, key, ("fifo",), ("protocol",))
+        fields = self.mapping(node, key, (), ("fifo", "protocol"), {"api": "fifo"})
+        if "fifo" in fields and "api" in fields:
+            self.report(fields["api"][0], _join(key, "api"),
+                        "give either fifo or api, not both")
+        elif "fifo" not in fields and "api" not in fields:
+            self.report(node, _join(key, "fifo"), "missing required key (fifo or api)")
         fifo = self.field(fields, "fifo", key, self.path_in_scenario_folder)
+        api = self.field(fields, "api", key, self.api_url)
         protocol = self.field(fields, "protocol", key, self.protocol)
-        if not self.clean_since(count) or fifo is None:
+        if not self.clean_since(count) or (fifo is None and api is None):
             return None
-        return ProxySpec(name, fifo, protocol)
+        return ProxySpec(name, fifo, protocol, api)
+
+    def api_url(self, node: yaml.Node, key: str) -> str:
+        from .http_transport import is_api_url, parse_proxy_url
+
+        url = self.string(node, key)
+        try:
+            if not is_api_url(url):
+                raise ValueError
+            parse_proxy_url(url)
+        except ValueError:
+            self.fail(node, key, f"expected http://HOST:PORT/proxies/NAME, got {url!r}")
+        return url
 
     def protocol(self, node: yaml.Node, key: str) -> str:
         from wirefault import protocols
