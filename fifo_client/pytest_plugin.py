@@ -29,6 +29,7 @@ import json
 import os
 import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -324,7 +325,7 @@ def start_server(timeout: float = START_TIMEOUT) -> WirefaultServer:
         process = subprocess.Popen(
             [sys.executable, "-m", "wirefault.fifo_client.cli", "serve", "--config", config,
              "--api", "127.0.0.1:0", "--ready-file", ready_file],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
             cwd=directory, start_new_session=True,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
     except BaseException:
@@ -332,21 +333,20 @@ def start_server(timeout: float = START_TIMEOUT) -> WirefaultServer:
         shutil.rmtree(directory, ignore_errors=True)
         raise
     stderr.close()
-    deadline = time.monotonic() + timeout
     try:
-        while True:
-            with contextlib.suppress(FileNotFoundError), open(ready_file) as f:
-                line = f.read().strip()
-                if line:
-                    break
-            if process.poll() is not None:
-                with open(os.path.join(directory, "stderr"), errors="replace") as f:
-                    said = f.read().strip().splitlines()
-                raise RuntimeError(f"wirefault serve exited with status {process.returncode} "
-                                   f"before it was ready: {said[-1] if said else '(no output)'}")
-            if time.monotonic() > deadline:
+        # The ready line is the first line on stdout (also in `ready_file`); an exit before
+        # it closes stdout. Wait for either, not by polling.
+        assert process.stdout is not None
+        readable, _, _ = select.select([process.stdout], [], [], timeout)
+        line = process.stdout.readline().decode(errors="replace").strip() if readable else ""
+        if not line.startswith("ready "):
+            if process.poll() is None and not readable:
                 raise RuntimeError(f"wirefault serve wrote no ready line within {timeout:g} s")
-            time.sleep(0.02)
+            process.wait(timeout=10)
+            with open(os.path.join(directory, "stderr"), errors="replace") as f:
+                said = f.read().strip().splitlines()
+            raise RuntimeError(f"wirefault serve exited with status {process.returncode} "
+                               f"before it was ready: {said[-1] if said else '(no output)'}")
         words = dict(w.split("=", 1) for w in line.split()[1:] if "=" in w)
         host, _, port = words["api"].rpartition(":")
         return WirefaultServer(process, directory, host.strip("[]"), int(port), line)
