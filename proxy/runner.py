@@ -14,7 +14,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from .recorder import (
     DEFAULT_CLIENT_LABEL,
@@ -231,6 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_rule(parser, args)
+    return run_until_stopped(serve, args)
+
+
+def run_until_stopped(serve_function: Callable[[argparse.Namespace], Any],
+                      args: argparse.Namespace) -> int:
+    """Log as `-v` asks, then run `serve_function(args)` on uvloop (asyncio's loop with
+    --no-uvloop or without uvloop) until it returns its exit status: what `wirefault
+    proxy` and `wirefault serve` share."""
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -242,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 
             run = uvloop.run
     try:
-        return run(serve(args))
+        return run(serve_function(args))
     except KeyboardInterrupt:
         return 0
 

@@ -23,16 +23,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import errno
 import gc
 import ipaddress
-import logging
 import signal
 import sys
 
 from .proxy_registry import ProxyError, ProxyRegistry, listen_problem
-from .runner import GC_THRESHOLDS, OPTION_FLAGS, _count, _OneLineParser, _quiet_cancellation
+from .runner import (
+    GC_THRESHOLDS,
+    OPTION_FLAGS,
+    _count,
+    _OneLineParser,
+    _quiet_cancellation,
+    run_until_stopped,
+)
 from .startup import STARTUP_FAILED, StartupCheck
 
 PROG = "wirefault serve"
@@ -255,21 +260,7 @@ async def serve(args: argparse.Namespace, registry: ProxyRegistry | None = None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    run = asyncio.run
-    if not args.no_uvloop:
-        with contextlib.suppress(ImportError):
-            import uvloop
-
-            run = uvloop.run
-    try:
-        return run(serve(args))
-    except KeyboardInterrupt:
-        return 0
+    return run_until_stopped(serve, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
