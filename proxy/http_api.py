@@ -500,6 +500,10 @@ METRICS = (
     ("wirefault_proxy_enabled", "gauge", "1 when the proxy listens"),
     ("wirefault_connections_open", "gauge", "Connections open now"),
     ("wirefault_connections_total", "counter", "Connections accepted since start"),
+    ("wirefault_bytes_total", "counter",
+     "Bytes read from each side (direction: from_client, from_server)"),
+    ("wirefault_frames_total", "counter",
+     "Protocol frames read from each side (direction: from_client, from_server)"),
     ("wirefault_faults_fired_total", "counter", "Times any fault of the proxy acted"),
     ("wirefault_fault_matched_total", "counter", "Frames a fault's chain matched"),
     ("wirefault_fault_fired_total", "counter", "Times a fault acted"),
@@ -517,6 +521,13 @@ class MetricsHandler(ApiHandler):
                 f"{{{label}}} {len(proxy.runtime.pause.connections)}")
             samples["wirefault_connections_total"].append(
                 f"{{{label}}} {proxy.runtime.connections_total}")
+            traffic = proxy.runtime.traffic_now()
+            for direction, bytes_read, frames in (
+                    ("from_client", traffic.bytes_from_client, traffic.frames_from_client),
+                    ("from_server", traffic.bytes_from_server, traffic.frames_from_server)):
+                way = f'{label},direction="{direction}"'
+                samples["wirefault_bytes_total"].append(f"{{{way}}} {bytes_read}")
+                samples["wirefault_frames_total"].append(f"{{{way}}} {frames}")
             samples["wirefault_faults_fired_total"].append(f"{{{label}}} {engine.fired_total}")
             for f in engine.faults:
                 fault = f'{label},fault="{_label(f.name)}"'

@@ -38,6 +38,7 @@ from wirefault.protocols import Frame, FrameBatch
 
 from .fast_relay import FastRelay
 from .faults import FORWARD, Verdict
+from .faults.slice import Pieces, cut
 from .lane import Closed, Held, Lane, Out
 from .recorder import RecorderSlot
 from .relay_io import EXECUTED, RelayIO, ResetConnections, SendCancelRequest, SetReading
@@ -62,6 +63,11 @@ class WirefaultLayer(layer.Layer):
         self.rule_state = runtime.new_rule_state(context.client.peername)
         self.agent = self.rule_state.agent
         self.slot = RecorderSlot()
+        self.bytes_from_client = 0
+        self.bytes_from_server = 0
+        """Bytes read from each side (the metrics' traffic; frames are the rule state's)."""
+        self.counted = False
+        """Its traffic went into the proxy's totals (it finished)."""
         self.up = Lane.between(context.client, context.server, True)
         """Client to server."""
         self.down = Lane.between(context.server, context.client, False)
@@ -72,6 +78,9 @@ class WirefaultLayer(layer.Layer):
         timer delivers its Wakeup (`release_from_pause`)."""
         self.hung: set[int] = set()
         """The faults whose hang() holds both lanes (until they are removed)."""
+        self.timeouts: dict[tuple[int, bool], tuple[str, commands.RequestWakeup | None]] = {}
+        """drop(timeout_ms) faults that dropped frames here, by (fault id, from_client):
+        the fault's name and the timer that closes the connection (None: never on time)."""
         self.slow_close: float | None = None
         self.close_held = False
         """slow_close already held the client's closing message (Terminate): the FIN
@@ -151,7 +160,10 @@ class WirefaultLayer(layer.Layer):
     def _finish(self) -> None:
         self._handle_event = self.done  # type: ignore[method-assign]
         self.relaying = False
-        self.runtime.pause.leave(self)
+        if not self.counted:  # _close_all may come more than once
+            self.counted = True
+            self.runtime.pause.leave(self)
+            self.runtime.traffic.add(self)
 
     # -- events from outside the connection: the proxy-wide pause, faults changing ----------
 
@@ -176,6 +188,10 @@ class WirefaultLayer(layer.Layer):
         if self.hung and not all(engine.in_force(uid) for uid in self.hung):
             token = commands.RequestWakeup(0)
             self.timers[token] = self._hang_lifted
+            self._deliver(events.Wakeup(token))
+        if self.timeouts and not all(engine.in_force(uid) for uid, _ in self.timeouts):
+            token = commands.RequestWakeup(0)
+            self.timers[token] = self._timeouts_changed
             self._deliver(events.Wakeup(token))
 
     def shut_down(self) -> None:
@@ -259,8 +275,10 @@ class WirefaultLayer(layer.Layer):
     def _frame_and_judge(self, from_client: bool, data: bytes) -> bytes | list[commands.Command]:
         if from_client:
             framer, lane = self._client_framer, self.up
+            self.bytes_from_client += len(data)
         else:
             framer, lane = self._server_framer, self.down
+            self.bytes_from_server += len(data)
         carried = framer.buffered
         batch = framer.feed_batch(data)
         agent = self.agent
@@ -417,11 +435,18 @@ class WirefaultLayer(layer.Layer):
             for _ in range(1 + judgement.copies):
                 yield from self._emit(lane, data, pieces)
         elif verdict is Verdict.DROP:
-            return
+            if end.value is not None:  # drop(timeout_ms): Toxiproxy's timeout
+                name = judgement.fired[-1][0]  # the fault that ended the walk
+                yield from self._timing_out(lane, judgement.end_fault, name, end.value)
         elif verdict is Verdict.KILL:
             yield from self._kill(lane.dest)
         elif verdict is Verdict.RESET:
-            yield from self._reset()
+            if end.value:  # reset(after_ms): this lane stops here, both are reset later
+                lane.hold = self._timer(end.value, self._reset_later)
+                self._update_lanes()
+                yield lane.hold
+            else:
+                yield from self._reset()
         elif verdict is Verdict.ERROR:
             yield from self._error(lane, frame, end.value)
         elif verdict is Verdict.HANG:
@@ -444,13 +469,51 @@ class WirefaultLayer(layer.Layer):
         yield self._pace(lane, self.slow_close)
         return True
 
+    def _timing_out(self, lane: Lane, uid: int, name: str, seconds: float) -> _Commands:
+        """A frame dropped by drop(timeout_ms): the countdown to the close starts again."""
+        key = (uid, lane.from_client)
+        token = self._timer(seconds, lambda: self._timed_out(key, token)) if seconds else None
+        old = self.timeouts.get(key, ("", None))[1]
+        if old is not None:
+            self.timers.pop(old, None)
+        self.timeouts[key] = (name, token)
+        if token is not None:
+            yield token
+
+    def _timed_out(self, key: tuple[int, bool], token: commands.RequestWakeup) -> _Commands:
+        if self.timeouts.get(key, ("", None))[1] is token and not self.dead:
+            yield from self._close_everything()
+
+    def _timeouts_changed(self) -> _Commands:
+        """A drop(timeout_ms) fault that acted here is gone: removed, the connection is
+        closed (Toxiproxy's timeout Cleanup); replaced by one of that name (a toxic updated),
+        the countdown starts again with its timeout."""
+        engine = self.runtime.engine
+        for key, (name, token) in list(self.timeouts.items()):
+            if self.dead or engine.in_force(key[0]):
+                continue
+            del self.timeouts[key]
+            if token is not None:
+                self.timers.pop(token, None)
+            new = next((f for f in engine.faults if f.name == name), None)
+            seconds = getattr(new.fault, "timeout", None) if new is not None else None
+            if seconds is None:
+                yield from self._close_everything()
+                return
+            yield from self._timing_out(self.up if key[1] else self.down, new.uid, name,
+                                        seconds)
+
+    def _reset_later(self) -> _Commands:
+        if not self.dead:
+            yield from self._reset()
+
     def _hang_timed_out(self, uid: int) -> _Commands:
         """hang(ms) ran out: close, unless that fault's hang was lifted meanwhile (another
         fault's hang may hold the connection now, and it has no such timer)."""
         if uid in self.hung and not self.dead:
             yield from self._close_everything()
 
-    def _emit(self, lane: Lane, data: bytes, pieces: tuple[int, float] | None = None
+    def _emit(self, lane: Lane, data: bytes, pieces: tuple[Pieces, float] | None = None
               ) -> _Commands:
         """Send `data` on the lane now, or as its shaping allows (ahead of what waits)."""
         if pieces is None and not lane.shaped:
@@ -460,8 +523,7 @@ class WirefaultLayer(layer.Layer):
             lane.push_front([Out(data)])
         else:
             size, gap = pieces
-            chunks = [data[i:i + size] for i in range(0, len(data), size)]
-            lane.push_front([Out(chunk, gap) for chunk in chunks[:-1]] + [Out(chunks[-1])])
+            lane.push_front([Out(chunk, gap) for chunk in cut(data, size)])
         yield from self._send_out(lane)
 
     def _send_out(self, lane: Lane) -> _Commands:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import socket
 
 _TCP_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
 _STATE_NAMES = {
@@ -61,3 +62,13 @@ def explain_address_in_use(port: int) -> str:
                 f"connections, which keep them up to 60 s after closing; listen on a port "
                 f"outside that range")
     return f"held by {held}" if held else "the kernel refused it"
+
+
+def free_port(host: str) -> int:
+    """A port nothing listens on at `host` now: what the kernel gives a socket bound to
+    port 0. A proxy asked for port 0 listens there from the start, so its address stays the
+    same across disable/enable, and two proxies asking for port 0 do not clash."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]

@@ -143,6 +143,8 @@ class ProxyRegistry:
         Before the master runs, this is the config's first state."""
         assert self._make_runtime is not None and self._reply is not None, "not bound"
         self._check_new(spec)
+        if spec.listen[1] == 0:
+            spec = replace(spec, listen=(spec.listen[0], self._free_port(spec)))
         proxy = Proxy(spec, self._make_runtime(spec))
         for command in spec.faults:
             reply = self._reply(proxy, command)
@@ -167,6 +169,16 @@ class ProxyRegistry:
                 host, port = spec.listen
                 raise ProxyError(f"proxy {spec.name}: listen {host}:{port}: proxy "
                                  f"{other.name} listens there already")
+
+    @staticmethod
+    def _free_port(spec: ProxySpec) -> int:
+        from .ports import free_port
+
+        try:
+            return free_port(spec.listen[0] or "0.0.0.0")
+        except OSError as exc:
+            raise ProxyError(f"proxy {spec.name}: listen {spec.listen[0]}:0: "
+                             f"{exc.strerror or exc}") from None
 
     def _index(self, proxy: Proxy) -> None:
         if proxy.mode is not None:

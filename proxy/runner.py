@@ -96,8 +96,6 @@ class _OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from wirefault import protocols
 
-    from .command_channel import fifo_group_argument, fifo_mode_argument
-
     parser = _OneLineParser(
         prog="wirefault proxy",
         description="Run the fault-injection proxy in front of a server.",
@@ -112,16 +110,28 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the server behind the proxy")
     parser.add_argument("--protocol", default="postgres", choices=protocols.names())
     parser.add_argument("--fifo", metavar="PATH", help="command FIFO (created if missing)")
-    parser.add_argument("--fifo-mode", type=fifo_mode_argument, default="0600", metavar="OCTAL",
-                        help="permission bits of a FIFO the proxy creates (default 0600)")
-    parser.add_argument("--fifo-group", type=fifo_group_argument, metavar="NAME",
-                        help="group of a FIFO the proxy creates, e.g. the database server's "
-                             "(with --fifo-mode 0660)")
     parser.add_argument("--ready-file", metavar="PATH",
                         help="write the ready line to this file (atomically) once serving; "
                              "removed when the proxy stops")
     parser.add_argument("--rule", default=DEFAULT_RULE, metavar="COMMAND",
                         help="the rule in force at start")
+    parser.add_argument("--seed", type=_count(0), default=0, metavar="N",
+                        help="seed of every fault's randomness (probability, jitter); the "
+                             "same seed and traffic make the same choices (default 0)")
+    add_proxy_options(parser)
+    return parser
+
+
+def add_proxy_options(parser: argparse.ArgumentParser) -> None:
+    """The options every proxy of a process shares, for `wirefault proxy` and `wirefault
+    serve` alike (a FIFO's mode and group apply to each proxy's FIFO)."""
+    from .command_channel import fifo_group_argument, fifo_mode_argument
+
+    parser.add_argument("--fifo-mode", type=fifo_mode_argument, default="0600", metavar="OCTAL",
+                        help="permission bits of a FIFO the proxy creates (default 0600)")
+    parser.add_argument("--fifo-group", type=fifo_group_argument, metavar="NAME",
+                        help="group of a FIFO the proxy creates, e.g. the database server's "
+                             "(with --fifo-mode 0660)")
     parser.add_argument("--fifo-reply-timeout", type=_positive_seconds,
                         default=DEFAULT_REPLY_TIMEOUT, metavar="SECONDS",
                         help="how long a FIFO client may take to read its reply")
@@ -134,9 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest frame accepted before the direction turns opaque "
                              "(default: the protocol's own, 1 GiB for postgres, 64 MiB for "
                              "wallaroo)")
-    parser.add_argument("--seed", type=_count(0), default=0, metavar="N",
-                        help="seed of every fault's randomness (probability, jitter); the "
-                             "same seed and traffic make the same choices (default 0)")
     parser.add_argument("--recorder-limit", type=_count(1), default=DEFAULT_LIMIT,
                         metavar="FRAMES")
     parser.add_argument("--recorder-max-bytes", type=_count(1), default=DEFAULT_MAX_BYTES,
@@ -149,7 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="relay every read through mitmproxy's connection handler")
     parser.add_argument("--no-uvloop", action="store_true", help="use asyncio's default loop")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every command")
-    return parser
+
+
+def proxy_option_values(args: argparse.Namespace) -> dict[str, Any]:
+    """mitmproxy's options for what `add_proxy_options` parsed."""
+    return dict(
+        kill_grace=str(args.kill_grace),
+        idle_timeout=str(args.idle_timeout),
+        fifo_reply_timeout=str(args.fifo_reply_timeout),
+        fifo_mode=args.fifo_mode,
+        fifo_group=args.fifo_group,
+        recorder_limit=args.recorder_limit,
+        recorder_max_bytes=args.recorder_max_bytes,
+        max_frame=args.max_frame,
+        source_labels=args.source_labels,
+        wirefault_flows=args.flows,
+        fast_path=not args.no_fast_path,
+    )
 
 
 OPTION_FLAGS = {
@@ -193,18 +216,8 @@ async def serve(args: argparse.Namespace) -> int:
             fifo=args.fifo,
             slug=args.rule,
             protocol=args.protocol,
-            kill_grace=str(args.kill_grace),
-            idle_timeout=str(args.idle_timeout),
-            fifo_reply_timeout=str(args.fifo_reply_timeout),
-            fifo_mode=args.fifo_mode,
-            fifo_group=args.fifo_group,
-            recorder_limit=args.recorder_limit,
-            recorder_max_bytes=args.recorder_max_bytes,
-            max_frame=args.max_frame,
             seed=args.seed,
-            source_labels=args.source_labels,
-            wirefault_flows=args.flows,
-            fast_path=not args.no_fast_path,
+            **proxy_option_values(args),
         )
     except Exception as exc:  # option errors are the user's: one line, no traceback
         print(f"wirefault proxy: {exc}", file=sys.stderr)

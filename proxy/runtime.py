@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,32 @@ DEFAULT_FLOW_MESSAGES = 100
 
 def _no_delivery(client_id: str, event: Any) -> bool:
     return False
+
+
+@dataclass
+class Traffic:
+    """Bytes and frames each way through one proxy: finished connections' sums here, live
+    connections' counts read from their layers when asked (so a read costs one addition)."""
+
+    bytes_from_client: int = 0
+    bytes_from_server: int = 0
+    frames_from_client: int = 0
+    frames_from_server: int = 0
+
+    def add(self, connection: Any) -> None:
+        """Fold a finished connection's counts in."""
+        self.bytes_from_client += connection.bytes_from_client
+        self.bytes_from_server += connection.bytes_from_server
+        self.frames_from_client += connection.rule_state.client_frames_seen
+        self.frames_from_server += connection.rule_state.server_frames_seen
+
+    def with_live(self, live: Iterable[Any]) -> Traffic:
+        """These totals plus the live connections' counts so far."""
+        total = Traffic(self.bytes_from_client, self.bytes_from_server,
+                        self.frames_from_client, self.frames_from_server)
+        for connection in live:
+            total.add(connection)
+        return total
 
 
 @dataclass
@@ -55,6 +81,12 @@ class ProxyRuntime:
     """The clock throttle() paces by."""
     connections_total: int = 0
     """Connections this proxy has relayed (and numbered) since it started."""
+    traffic: Traffic = field(default_factory=Traffic)
+    """Bytes and frames of the connections that finished (see `traffic_now`)."""
+
+    def traffic_now(self) -> Traffic:
+        """Bytes and frames each way since the proxy started, live connections included."""
+        return self.traffic.with_live(self.pause.connections)
 
     def new_rule_state(self, peername: tuple | None) -> RuleState:
         """A new connection's state for the fault engine: its number on this proxy, its

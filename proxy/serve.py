@@ -1,7 +1,11 @@
 """`wirefault serve`: many proxies in one process, on one event loop, from a config file.
 
-    wirefault serve --config proxies.yaml [--api [HOST:]PORT] [--api-token-file PATH]
-                    [--seed N] [--ready-file PATH]
+    wirefault serve [--config proxies.yaml] [--api [HOST:]PORT] [--api-token-file PATH]
+                    [--seed N] [--ready-file PATH] [--kill-grace S] [--idle-timeout S] ...
+
+The options after --ready-file are `wirefault proxy`'s, for every proxy of the process.
+Without --config the process starts with no proxy (as Toxiproxy's server does) and the
+HTTP API adds them.
 
 The same master, addon and layer as `wirefault proxy`, which is the case of one proxy: here
 each configured proxy is one entry of mitmproxy's `mode` option,
@@ -29,13 +33,15 @@ import ipaddress
 import signal
 import sys
 
-from .proxy_registry import ProxyError, ProxyRegistry, listen_problem
+from .proxy_registry import ProxyRegistry, listen_problem
 from .runner import (
     GC_THRESHOLDS,
     OPTION_FLAGS,
     _count,
     _OneLineParser,
     _quiet_cancellation,
+    add_proxy_options,
+    proxy_option_values,
     run_until_stopped,
 )
 from .startup import STARTUP_FAILED, StartupCheck
@@ -56,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", required=True, metavar="FILE",
-                        help="the proxies (YAML; see proxy/serve_config.py)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="the proxies at start (YAML; see proxy/serve_config.py); "
+                             "without it, none: the API adds them")
     parser.add_argument("--api", type=api_address, default=api_address(DEFAULT_API),
                         metavar="[HOST:]PORT",
                         help=f"where the HTTP API listens (default {DEFAULT_API}; 'none': no "
@@ -70,8 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ready-file", metavar="PATH",
                         help="write the ready line to this file (atomically) once serving; "
                              "removed when it stops")
-    parser.add_argument("--no-uvloop", action="store_true", help="use asyncio's default loop")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every command")
+    add_proxy_options(parser)
     return parser
 
 
@@ -140,7 +146,8 @@ def start_api(registry: ProxyRegistry, args: argparse.Namespace, token: str | No
 class ServeStartupCheck(StartupCheck):
     """StartupCheck for many listeners: a failure names the proxy; ready names them all."""
 
-    def __init__(self, registry: ProxyRegistry, config: str, ready_file: str | None) -> None:
+    def __init__(self, registry: ProxyRegistry, config: str | None,
+                 ready_file: str | None) -> None:
         super().__init__(PROG, ("", 0), None, ready_file)
         self.registry = registry
         self.config = config
@@ -148,7 +155,7 @@ class ServeStartupCheck(StartupCheck):
         """`api=HOST:PORT` once the HTTP API listens."""
 
     def fail(self, problem: str) -> None:
-        super().fail(f"--config {self.config}: {problem}")
+        super().fail(f"--config {self.config}: {problem}" if self.config else problem)
 
     def _listeners(self) -> dict:
         from mitmproxy import ctx
@@ -211,7 +218,7 @@ async def serve(args: argparse.Namespace, registry: ProxyRegistry | None = None)
     from .serve_config import ConfigError, load_config
 
     try:
-        config = load_config(args.config)
+        specs = load_config(args.config).proxies if args.config else []
     except ConfigError as exc:
         print(f"{PROG}: {exc.first_line}", file=sys.stderr)
         return STARTUP_FAILED
@@ -228,15 +235,18 @@ async def serve(args: argparse.Namespace, registry: ProxyRegistry | None = None)
     try:
         # Lazy by default: each connection of a proxy whose server may speak first is made
         # eager by the addon (client_connected).
-        opts.update(mode=[], connection_strategy="lazy", seed=args.seed)
-        for spec in config.proxies:
+        opts.update(mode=[], connection_strategy="lazy", seed=args.seed,
+                    **proxy_option_values(args))
+    except Exception as exc:  # option errors are the user's: one line, no traceback
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return STARTUP_FAILED
+    where = f"--config {args.config}: " if args.config else ""
+    try:
+        for spec in specs:
             registry.insert(spec)
         opts.update(mode=registry.modes())
-    except ProxyError as exc:
-        print(f"{PROG}: --config {args.config}: {exc}", file=sys.stderr)
-        return STARTUP_FAILED
-    except Exception as exc:  # option errors are the user's: one line, no traceback
-        print(f"{PROG}: --config {args.config}: {exc}", file=sys.stderr)
+    except Exception as exc:  # ProxyError, or an option error: one line, no traceback
+        print(f"{PROG}: {where}{exc}", file=sys.stderr)
         return STARTUP_FAILED
     api = None
     if getattr(args, "api", None) is not None:

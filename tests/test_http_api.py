@@ -142,12 +142,20 @@ def test_proxies_are_created_listed_changed_and_deleted(served):
     assert status == 200 and [p["name"] for p in proxies] == ["echo"]
     assert proxies[0]["protocol"] == "raw" and proxies[0]["enabled"] is True
 
-    # Port 0 twice: mitmproxy refuses it; nothing is added.
-    status, error = api.call("POST", "/api/proxies", {
-        "name": "zero", "listen": 0, "upstream": "127.0.0.1:9", "protocol": "raw"})
-    assert status == 400 and error["error"].startswith("proxy zero: "), error
-    assert [p["name"] for p in api.call("GET", "/api/proxies")[1]] == ["echo"]
+    # Port 0 beside another proxy on port 0: it gets a free port of its own, kept across
+    # disable and enable.
+    status, zero = api.call("POST", "/api/proxies", {
+        "name": "zero", "listen": 0, "upstream": f"127.0.0.1:{ports['two']}",
+        "protocol": "raw"})
+    assert status == 201, zero
+    zero_port = int(zero["listening"].rpartition(":")[2])
+    assert zero_port not in (0, ports["echo"])
+    assert exchange(zero_port, b"z") == b"2:z"
     assert exchange(ports["echo"], b"still") == b"1:still"
+    assert api.call("PATCH", "/api/proxies/zero", {"enabled": False})[0] == 200
+    status, zero = api.call("PATCH", "/api/proxies/zero", {"enabled": True})
+    assert status == 200 and zero["listening"].endswith(f":{zero_port}")
+    assert api.call("DELETE", "/api/proxies/zero")[0] == 204
 
     listen = free_port()
     status, created = api.call("POST", "/api/proxies", {
@@ -376,3 +384,79 @@ def test_api_none_means_no_api(tmp_path):
         assert read_line(process.stdout).strip() == "ready"
     finally:
         _stop(process)
+
+
+def test_metrics_count_bytes_and_frames_each_way(served):
+    """A proxy of its own, so other tests' traffic does not count: what was sent and echoed
+    shows up exactly, for finished connections and for a live one."""
+    api, ports = served.api, served.ports
+    status, created = api.call("POST", "/api/proxies", {
+        "name": "counted", "listen": 0, "upstream": f"127.0.0.1:{ports['one']}",
+        "protocol": "raw"})
+    assert status == 201, created
+    port = int(created["listening"].rpartition(":")[2])
+    try:
+        assert exchange(port, b"hello") == b"1:hello"  # 5 bytes up, 7 down
+        with socket.create_connection(("127.0.0.1", port), 5) as live:
+            live.settimeout(5)
+            live.sendall(b"abc")
+            assert live.recv(100) == b"1:abc"  # the proxy read both by now
+            samples = _metrics(api)
+            way = 'proxy="counted",direction="from_{}"'
+            assert samples[f"wirefault_bytes_total{{{way.format('client')}}}"] == 8
+            assert samples[f"wirefault_bytes_total{{{way.format('server')}}}"] == 12
+            # raw frames are reads: at least one per read, never more than bytes.
+            assert 2 <= samples[f"wirefault_frames_total{{{way.format('client')}}}"] <= 8
+            assert 2 <= samples[f"wirefault_frames_total{{{way.format('server')}}}"] <= 12
+            assert samples['wirefault_connections_open{proxy="counted"}'] >= 1
+            assert samples['wirefault_connections_total{proxy="counted"}'] == 2
+    finally:
+        assert api.call("DELETE", "/api/proxies/counted")[0] == 204
+
+
+def _metrics(api: Api) -> dict[str, float]:
+    status, text = api.call("GET", "/metrics")
+    assert status == 200
+    samples = {}
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def test_serve_without_a_config_starts_empty_and_takes_the_proxy_options(tmp_path):
+    """No --config: no proxy until the API adds one; the shared proxy options
+    (`--idle-timeout` here) apply to proxies the API adds."""
+    process = subprocess.Popen(
+        [WIREFAULT, "serve", "--api", "127.0.0.1:0", "--idle-timeout", "0.3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        ready = read_line(process.stdout).strip()
+        assert ready.startswith("ready api=127.0.0.1:"), ready or process.stderr.read()
+        api = Api(f"http://{ready.split('=', 1)[1]}")
+        assert api.call("GET", "/api/proxies") == (200, [])
+        with echo_server(b"e:") as upstream:
+            status, created = api.call("POST", "/api/proxies", {
+                "name": "idle", "listen": 0, "upstream": f"127.0.0.1:{upstream}",
+                "protocol": "raw"})
+            assert status == 201, created
+            port = int(created["listening"].rpartition(":")[2])
+            with socket.create_connection(("127.0.0.1", port), 5) as sock:
+                sock.settimeout(20)
+                sock.sendall(b"x")
+                assert sock.recv(10) == b"e:x"
+                started = time.monotonic()
+                assert sock.recv(10) == b""  # closed by the proxy, idle
+                assert time.monotonic() - started >= 0.25
+    finally:
+        _stop(process)
+
+
+def test_a_bad_proxy_option_exits_2_with_one_line():
+    result = subprocess.run([WIREFAULT, "serve", "--api", "none", "--kill-grace", "soon"],
+                            capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and "--kill-grace" in result.stderr

@@ -3,7 +3,6 @@ status and FIFO, in front of a real PostgreSQL; and the registry's run-time chan
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import os
@@ -234,7 +233,7 @@ async def _registry_scenario(tmp_path: Path) -> None:
     config.write_text(f"proxies:\n  - {{name: first, listen: {first}, protocol: raw, "
                       f"upstream: '127.0.0.1:{port_one}'}}\n")
     registry = ProxyRegistry()
-    args = argparse.Namespace(config=str(config), seed=0, ready_file=None)
+    args = serve.build_parser().parse_args(["--config", str(config), "--api", "none"])
     server = asyncio.ensure_future(serve.serve(args, registry))
     while not registry.running:  # set by the addon's `running` hook, listeners up
         assert not server.done(), server.result()
