@@ -171,3 +171,59 @@ def running_proxy_for_server_side_copy(upstream_port: int, **kwargs) -> Iterator
         fifo = make_fifo(directory / "proxy.fifo", for_postgres=True)
         with running_proxy(upstream_port, fifo=str(fifo), **kwargs) as running:
             yield running
+
+
+def read_line(stream, timeout: float = 30.0) -> str:
+    """One line of a child's output; '' at EOF or after `timeout` (then the test fails)."""
+    import threading
+
+    result: list[str] = []
+    reader = threading.Thread(target=lambda: result.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return result[0] if result else ""
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL to its group if it does not exit within 10 s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@dataclass
+class RunningServe:
+    process: subprocess.Popen
+    ready: str
+    """The ready line, `ready NAME=HOST:PORT ... api=HOST:PORT`."""
+    words: dict[str, str] = field(default_factory=dict)
+    """The ready line's NAME=ADDRESS words."""
+
+    def port(self, name: str) -> int:
+        return int(self.words[name].rpartition(":")[2])
+
+    @property
+    def api(self) -> str:
+        return f"http://{self.words['api']}"
+
+
+@contextlib.contextmanager
+def running_serve(config: Path | None, *args: str) -> Iterator[RunningServe]:
+    """A real `wirefault serve` process (its HTTP API on a free loopback port), up once its
+    ready line came; stopped at the end."""
+    argv = [str(BIN / "wirefault"), "serve", "--api", "127.0.0.1:0", *args]
+    if config is not None:
+        argv += ["--config", str(config)]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        ready = read_line(process.stdout).strip()
+        assert ready, process.stderr.read() if process.poll() is not None else "no ready line"
+        words = dict(word.split("=", 1) for word in ready.split()[1:])
+        yield RunningServe(process, ready, words)
+    finally:
+        stop_process(process)

@@ -7,16 +7,15 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from proxy_helpers import running_serve
 from test_chaos_must_fire import chaos_cli
 from test_chaos_runner import write
-from test_http_api import WIREFAULT, _stop, echo_server
-from test_serve import read_line
+from test_http_api import echo_server
 
 from wirefault.fifo_client import FaultProxy, chaos
 
@@ -28,18 +27,10 @@ def serve_on(tmp_path: Path, host: str, upstream: int) -> Iterator[tuple[str, in
     config = tmp_path / f"{host}.yaml"
     config.write_text(f"proxies:\n  - {{name: echo, listen: '{host}:0', protocol: raw, "
                       f"upstream: '127.0.0.1:{upstream}'}}\n")
-    process = subprocess.Popen(
-        [WIREFAULT, "serve", "--config", str(config), "--api", f"{host}:0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        ready = read_line(process.stdout).strip()
-        assert ready, process.stderr.read() if process.poll() is not None else "no ready"
-        words = dict(word.split("=", 1) for word in ready.split()[1:])
+    with running_serve(config, "--api", f"{host}:0") as serve:
+        words = serve.words
         assert words["api"].startswith(f"{host}:") and words["echo"].startswith(f"{host}:")
-        yield f"http://{words['api']}/proxies/echo", int(words["echo"].rpartition(":")[2])
-    finally:
-        _stop(process)
+        yield f"{serve.api}/proxies/echo", serve.port("echo")
 
 
 def ping(host: str, port: int) -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import socket
 import socketserver
 import subprocess
@@ -21,8 +19,7 @@ from pathlib import Path
 
 import pytest
 from pgserver import free_port
-from proxy_helpers import BIN
-from test_serve import read_line
+from proxy_helpers import BIN, running_serve
 
 WIREFAULT = str(BIN / "wirefault")
 
@@ -93,35 +90,15 @@ class Served:
     ports: dict[str, int]
 
 
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 @contextlib.contextmanager
 def serving(tmp_path: Path, *args: str, token: str | None = None) -> Iterator[Served]:
     with echo_server(b"1:") as one, echo_server(b"2:") as two:
         config = tmp_path / "proxies.yaml"
         config.write_text(f"proxies:\n  - {{name: echo, listen: 0, protocol: raw, "
                           f"upstream: '127.0.0.1:{one}'}}\n")
-        process = subprocess.Popen(
-            [WIREFAULT, "serve", "--config", str(config), "--api", "127.0.0.1:0", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            ready = read_line(process.stdout).strip()
-            assert ready, process.stderr.read() if process.poll() is not None else "no ready"
-            words = dict(word.split("=", 1) for word in ready.split()[1:])
-            api = Api(f"http://{words['api']}", token)
-            ports = {"one": one, "two": two, "echo": int(words["echo"].rpartition(":")[2])}
-            yield Served(process, ready, api, ports)
-        finally:
-            _stop(process)
+        with running_serve(config, *args) as serve:
+            ports = {"one": one, "two": two, "echo": serve.port("echo")}
+            yield Served(serve.process, serve.ready, Api(serve.api, token), ports)
 
 
 @pytest.fixture(scope="module")
@@ -377,13 +354,8 @@ def test_an_api_port_in_use_exits_2_with_one_line(tmp_path):
 def test_api_none_means_no_api(tmp_path):
     config = tmp_path / "proxies.yaml"
     config.write_text("proxies: []\n")
-    process = subprocess.Popen([WIREFAULT, "serve", "--config", str(config), "--api", "none"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        assert read_line(process.stdout).strip() == "ready"
-    finally:
-        _stop(process)
+    with running_serve(config, "--api", "none") as serve:  # the last --api wins
+        assert serve.ready == "ready"
 
 
 def test_metrics_count_bytes_and_frames_each_way(served):
@@ -428,14 +400,9 @@ def _metrics(api: Api) -> dict[str, float]:
 def test_serve_without_a_config_starts_empty_and_takes_the_proxy_options(tmp_path):
     """No --config: no proxy until the API adds one; the shared proxy options
     (`--idle-timeout` here) apply to proxies the API adds."""
-    process = subprocess.Popen(
-        [WIREFAULT, "serve", "--api", "127.0.0.1:0", "--idle-timeout", "0.3"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        ready = read_line(process.stdout).strip()
-        assert ready.startswith("ready api=127.0.0.1:"), ready or process.stderr.read()
-        api = Api(f"http://{ready.split('=', 1)[1]}")
+    with running_serve(None, "--idle-timeout", "0.3") as serve:
+        assert serve.ready.startswith("ready api=127.0.0.1:"), serve.ready
+        api = Api(serve.api)
         assert api.call("GET", "/api/proxies") == (200, [])
         with echo_server(b"e:") as upstream:
             status, created = api.call("POST", "/api/proxies", {
@@ -450,8 +417,6 @@ def test_serve_without_a_config_starts_empty_and_takes_the_proxy_options(tmp_pat
                 started = time.monotonic()
                 assert sock.recv(10) == b""  # closed by the proxy, idle
                 assert time.monotonic() - started >= 0.25
-    finally:
-        _stop(process)
 
 
 def test_a_bad_proxy_option_exits_2_with_one_line():

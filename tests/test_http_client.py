@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 from pgserver import free_port
-from test_http_api import WIREFAULT, Api, _stop, echo_server, exchange
-from test_serve import read_line
+from proxy_helpers import running_serve
+from test_http_api import WIREFAULT, Api, echo_server, exchange
 
 from wirefault.fifo_client import (
     CommandError,
@@ -62,18 +62,8 @@ def serving(tmp_path: Path, token: str | None = None) -> Iterator[Served]:
         if token is not None:
             (tmp_path / "token").write_text(token + "\n")
             args = ["--api-token-file", str(tmp_path / "token")]
-        process = subprocess.Popen(
-            [WIREFAULT, "serve", "--config", str(config), "--api", "127.0.0.1:0", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            ready = read_line(process.stdout).strip()
-            assert ready, process.stderr.read() if process.poll() is not None else "no ready"
-            words = dict(word.split("=", 1) for word in ready.split()[1:])
-            yield Served(process, f"http://{words['api']}", fifo,
-                         int(words["echo"].rpartition(":")[2]), token)
-        finally:
-            _stop(process)
+        with running_serve(config, *args) as serve:
+            yield Served(serve.process, serve.api, fifo, serve.port("echo"), token)
 
 
 @pytest.fixture(scope="module")

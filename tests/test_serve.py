@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from pgserver import free_port
-from proxy_helpers import BIN
+from proxy_helpers import BIN, read_line
 
 from wirefault.fifo_client import FaultProxy
 from wirefault.proxy.proxy_registry import ProxyError, ProxyRegistry, ProxySpec
@@ -32,15 +31,6 @@ class Served:
     ports: dict[str, int]
     fifos: dict[str, Path]
     ready_file: Path
-
-
-def read_line(stream, timeout: float = 30.0) -> str:
-    """One line of a child's output; '' at EOF or after `timeout` (then the test fails)."""
-    result: list[str] = []
-    reader = threading.Thread(target=lambda: result.append(stream.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout)
-    return result[0] if result else ""
 
 
 @contextlib.contextmanager
