@@ -153,7 +153,11 @@ FILTERS: Mapping[str, MethodSpec] = _vocabulary(
 ACTIONS: Mapping[str, MethodSpec] = _vocabulary(
     MethodSpec("allow", (), "let traffic through (clears the rule)"),
     MethodSpec("kill", (), "close both sides of the connection"),
-    MethodSpec("reset", (), "reset the connection (TCP RST)"),
+    MethodSpec("reset", (Param("after_ms", "milliseconds from the frame to the reset; "
+                                           "meanwhile this direction carries nothing (>= 0)",
+                               0, MS),),
+               "reset the connection (TCP RST); with after_ms, this direction stops at the "
+               "frame and both sides are reset after_ms later (Toxiproxy's reset_peer)"),
     MethodSpec("killall", (), "close this and every other proxied connection"),
     MethodSpec("cancel", (Param("pid", "process id of the backend to cancel (an integer > 0)"),),
                "send a cancel request for pid, then let the frame through; without a pid "
@@ -169,7 +173,11 @@ ACTIONS: Mapping[str, MethodSpec] = _vocabulary(
                          Param("jitter", "up to this many more milliseconds, at random (>= 0)",
                                0, MS)),
                "hold the frame ms (plus up to jitter) milliseconds, then pass it on"),
-    MethodSpec("drop", (), "swallow the frame: neither side sees it"),
+    MethodSpec("drop", (Param("timeout_ms", "close the connection once this direction has "
+                                            "been silent that long since the last frame dropped "
+                                            "(0: never on time; None: a plain drop)", None, MS),),
+               "swallow the frame: neither side sees it; with timeout_ms, Toxiproxy's timeout "
+               "(removing the fault closes the connections it timed out)"),
     MethodSpec("duplicate", (Param("n", "how many extra copies to send (1 to 1000)", 1,
                                    Number(integer=True, low=1, high=1000)),),
                "send the frame, then n copies of it"),
@@ -187,8 +195,13 @@ ACTIONS: Mapping[str, MethodSpec] = _vocabulary(
                "relay this direction at most bytes_per_second"),
     MethodSpec("slice", (Param("size", "bytes per piece (an integer >= 1)",
                                number=Number(integer=True, low=1)),
-                         Param("delay_ms", "milliseconds between pieces (>= 0)", 0, MS)),
-               "send the frame in pieces of size bytes, delay_ms apart"),
+                         Param("delay_ms", "milliseconds after each piece (>= 0)", 0, MS),
+                         Param("variation", "cut as Toxiproxy's slicer: halve the frame until "
+                                            "pieces are at most size + variation bytes, each "
+                                            "cut moved by a seeded draw within +-variation "
+                                            "(an integer >= 0; None: pieces of exactly size)",
+                               None, Number(integer=True, low=0))),
+               "send the frame in pieces of size bytes, each followed by delay_ms"),
     MethodSpec("slow_close", (Param("ms", "milliseconds to wait before closing (>= 0)",
                                           number=MS),),
                "when the connection closes, wait ms milliseconds before closing the other side"),

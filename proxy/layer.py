@@ -38,7 +38,7 @@ from wirefault.protocols import Frame, FrameBatch
 
 from .fast_relay import FastRelay
 from .faults import FORWARD, Verdict
-from .faults.slice import Pieces, cut
+from .faults.slice import Pieces, pieces_of
 from .lane import Closed, Held, Lane, Out
 from .recorder import RecorderSlot
 from .relay_io import EXECUTED, RelayIO, ResetConnections, SendCancelRequest, SetReading
@@ -513,7 +513,7 @@ class WirefaultLayer(layer.Layer):
         if uid in self.hung and not self.dead:
             yield from self._close_everything()
 
-    def _emit(self, lane: Lane, data: bytes, pieces: tuple[Pieces, float] | None = None
+    def _emit(self, lane: Lane, data: bytes, pieces: tuple[Pieces, float, bool] | None = None
               ) -> _Commands:
         """Send `data` on the lane now, or as its shaping allows (ahead of what waits)."""
         if pieces is None and not lane.shaped:
@@ -522,8 +522,7 @@ class WirefaultLayer(layer.Layer):
         if pieces is None:
             lane.push_front([Out(data)])
         else:
-            size, gap = pieces
-            lane.push_front([Out(chunk, gap) for chunk in cut(data, size)])
+            lane.push_front([Out(chunk, gap) for chunk, gap in pieces_of(data, pieces)])
         yield from self._send_out(lane)
 
     def _send_out(self, lane: Lane) -> _Commands:

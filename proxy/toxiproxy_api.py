@@ -3,12 +3,12 @@
 `toxiproxy_routes(registry)` gives the tornado routes; `wirefault serve`'s HTTP server
 appends them. The routes, JSON shapes, status codes and error bodies are Toxiproxy's:
 
-    GET  /version                      the version, text/plain
+    GET  /version                      {"version": "2.12.0"} and a newline, as Toxiproxy's
     POST /reset                        enable every proxy, remove every toxic; 204
     GET  /proxies                      {name: proxy}
     POST /proxies                      create: 201 proxy; 409 if the name is taken
     POST /populate                     [proxy, ...]: create or replace; 201 {"proxies": [...]}
-    GET|POST|DELETE /proxies/NAME      show; update upstream, enabled, listen; delete (204)
+    GET|POST|PATCH|DELETE /proxies/NAME  show; update upstream, enabled, listen; delete (204)
     GET|POST /proxies/NAME/toxics      [toxic, ...]; add one (200 toxic; 409 if it exists)
     GET|POST|PATCH|DELETE /proxies/NAME/toxics/TOXIC   show; update; remove (204)
 
@@ -17,8 +17,17 @@ created here is `raw` (Toxiproxy is byte-level) unless the body names another. A
 0 is given a free port at creation, so the address stays the same across disable/enable. A
 toxic is {name, type, stream, toxicity, attributes}, mapped by `toxics.fault_command` onto one
 named fault, `toxic:<name>`, of the proxy's engine; the listing is what was stored next to
-that fault name (a toxic whose fault was removed by other means is no longer listed). Errors
-are {"error": message, "status": code}.
+that fault name (a toxic whose fault was removed by other means is no longer listed), its
+attributes those of its type, 0 when not given, as Toxiproxy lists them. Errors are
+{"error": message, "status": code}.
+
+As in Toxiproxy (api.go, proxy.go, proxy_collection.go): changing a proxy's upstream or
+listen address closes its live connections (Toxiproxy stops and restarts the proxy; this
+only for proxies created through this API: the native API leaves them on the old upstream);
+`/populate` checks every entry first (a missing name or upstream creates nothing: 400,
+`"proxies": null`), then creates them in order, keeping an existing proxy with the same
+listen and upstream as it is and replacing one that differs; a failure stops there and
+answers its status with the error and the proxies done so far.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ import tornado.web
 
 from . import dsl
 from .proxy_registry import Proxy, ProxyError, ProxyRegistry, ProxySpec
-from .toxics import FAULT_PREFIX, STREAMS, ToxicError, fault_command
+from .toxics import FAULT_PREFIX, STREAMS, ToxicError, attributes_of, fault_command
 
 VERSION = "2.12.0"
 """The Toxiproxy version whose API this one follows."""
@@ -96,6 +105,8 @@ class ToxiproxyState:
     def __init__(self, registry: ProxyRegistry) -> None:
         self.registry = registry
         self.toxics: dict[str, dict[str, dict[str, Any]]] = {}
+        self.created: set[str] = set()
+        """The proxies created through this API: they follow Toxiproxy's rules."""
 
     # -- proxies ---------------------------------------------------------------------------
 
@@ -141,6 +152,7 @@ class ToxiproxyState:
         except ProxyError as exc:
             raise ApiError(str(exc), 500) from None
         self.toxics[spec.name] = {}
+        self.created.add(spec.name)
         return proxy
 
     async def delete(self, name: str) -> None:
@@ -150,6 +162,7 @@ class ToxiproxyState:
         except ProxyError as exc:
             raise ApiError(str(exc), 500) from None
         self.toxics.pop(name, None)
+        self.created.discard(name)
 
     async def update(self, proxy: Proxy, body: dict[str, Any]) -> Proxy:
         name, spec = proxy.name, proxy.spec
@@ -164,8 +177,11 @@ class ToxiproxyState:
                     self.install(proxy, toxic)
                 return proxy
             if "upstream" in body:
-                proxy = await self.registry.set_upstream(
-                    name, _address(body["upstream"], "upstream"))
+                upstream = _address(body["upstream"], "upstream")
+                moved = upstream != spec.upstream
+                proxy = await self.registry.set_upstream(name, upstream)
+                if moved and name in self.created:  # Toxiproxy restarts the proxy
+                    proxy.runtime.close_connections()
             if "enabled" in body:
                 if not isinstance(body["enabled"], bool):
                     raise _joined(BAD_BODY, "enabled must be true or false")
@@ -220,8 +236,13 @@ class ToxiproxyState:
         attributes = body.get("attributes") or {}
         if not isinstance(attributes, dict):
             raise _joined(BAD_BODY, "attributes must be an object")
+        try:
+            attributes = attributes_of(kind, attributes)
+        except ToxicError as exc:
+            raise (INVALID_TYPE if str(exc) == INVALID_TYPE.message
+                   else _joined(BAD_BODY, str(exc))) from None
         return {"name": name, "type": kind, "stream": stream, "toxicity": float(toxicity),
-                "attributes": dict(attributes)}
+                "attributes": attributes}
 
     def install(self, proxy: Proxy, toxic: dict[str, Any]) -> dict[str, Any]:
         """Arm the toxic's fault (in place of the one of that name) and store its JSON."""
@@ -289,8 +310,9 @@ class _Handler(ApiHandler):
 
 class VersionHandler(_Handler):
     def get(self) -> None:
-        self.set_header("Content-Type", "text/plain")
-        self.finish(VERSION)
+        # Toxiproxy 2.7+ (api.go, Version): JSON, with its own content type and a newline.
+        self.set_header("Content-Type", "application/json;charset=utf-8")
+        self.finish(f'{{"version": "{VERSION}"}}\n')
 
 
 class ResetHandler(_Handler):
@@ -315,24 +337,33 @@ class ProxiesHandler(_Handler):
 
 class PopulateHandler(_Handler):
     async def post(self) -> None:
-        async def populate() -> None:
+        done: list[Proxy] | None = None
+        try:
             data = self.body(list)
-            specs = [self.api.spec_from(item if isinstance(item, dict) else {})
-                     for item in data]
+            specs = []
+            for number, item in enumerate(data, 1):  # every entry is checked first
+                item = item if isinstance(item, dict) else {}
+                for field in ("name", "upstream"):
+                    if not item.get(field):
+                        raise _joined(MISSING, f"{field} at proxy {number}")
+                specs.append(self.api.spec_from(item))
             done = []
             for spec in specs:
                 existing = self.api.registry.proxies.get(spec.name)
                 if existing is not None:
                     old = existing.spec
-                    same = (old.upstream, old.protocol) == (spec.upstream, spec.protocol) \
-                        and (spec.listen[1] == 0 or spec.listen == old.listen)
-                    if same:
-                        done.append(await self.api.update(existing, {"enabled": spec.enabled}))
+                    if (old.upstream, old.listen, old.protocol) == (
+                            spec.upstream, spec.listen, spec.protocol):
+                        done.append(existing)  # kept as it is, as Toxiproxy's AddOrReplace
                         continue
                     await self.api.delete(spec.name)
                 done.append(await self.api.create(spec))
-            self.write_json({"proxies": [self.api.proxy_json(p) for p in done]}, status=201)
-        await self.run(populate)
+        except ApiError as exc:
+            shown = None if done is None else [self.api.proxy_json(p) for p in done]
+            self.write_json({"error": exc.message, "status": exc.status, "proxies": shown},
+                            status=exc.status)
+            return
+        self.write_json({"proxies": [self.api.proxy_json(p) for p in done]}, status=201)
 
 
 class ProxyHandler(_Handler):
@@ -347,6 +378,8 @@ class ProxyHandler(_Handler):
             proxy = await self.api.update(proxy, self.body())
             self.write_json(self.api.proxy_json(proxy))
         await self.run(update)
+
+    patch = post
 
     async def delete(self, name: str) -> None:
         async def delete() -> None:

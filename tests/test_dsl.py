@@ -118,7 +118,7 @@ def test_every_corpus_command_parses(line: str, postgres: ProtocolSpec) -> None:
          (MessageFilter("Parse", (("query", re.compile("^WITH distributed_object_data")),)),),
          Action("kill")),
         ('conn.onQuery(query="SELECT.*select_test").after(1).reset()',
-         (_query("SELECT.*select_test"), After(1)), Action("reset")),
+         (_query("SELECT.*select_test"), After(1)), Action("reset", options=(("after_ms", 0.0),))),
         ("conn.allow()", (), Action("allow")),
         ("conn.kill()", (), Action("kill")),
     ],
@@ -252,9 +252,10 @@ def test_vocabulary_constants_match_the_parser() -> None:
 
 ROOTS_HINT = "commands start with 'conn', 'faults', 'recorder' or 'proxy'"
 ACTIONS_HINT = (
-    'allow(), kill(), reset(), killall(), cancel(pid), cancel(after_ms=100), connect_delay(ms), '
-    'delay(ms, jitter=0), drop(), duplicate(n=1), error(code="XX000", message=None, '
-    'severity="ERROR"), hang(ms=None), throttle(bytes_per_second), slice(size, delay_ms=0), '
+    'allow(), kill(), reset(after_ms=0), killall(), cancel(pid), cancel(after_ms=100), '
+    'connect_delay(ms), delay(ms, jitter=0), drop(timeout_ms=None), duplicate(n=1), '
+    'error(code="XX000", message=None, severity="ERROR"), hang(ms=None), '
+    'throttle(bytes_per_second), slice(size, delay_ms=0, variation=None), '
     "slow_close(ms) or limit(bytes)")
 
 REJECTIONS = [

@@ -43,9 +43,10 @@ CORPUS = [line for path in [DATA, *sorted(SHARED.glob("*"))] if path.is_file()
           for line in path.read_text().splitlines() if line.strip()]
 
 ACTION_LIST = (
-    'allow(), kill(), reset(), killall(), cancel(pid), cancel(after_ms=100), connect_delay(ms), '
-    'delay(ms, jitter=0), drop(), duplicate(n=1), error(code="XX000", message=None, '
-    'severity="ERROR"), hang(ms=None), throttle(bytes_per_second), slice(size, delay_ms=0), '
+    'allow(), kill(), reset(after_ms=0), killall(), cancel(pid), cancel(after_ms=100), '
+    'connect_delay(ms), delay(ms, jitter=0), drop(timeout_ms=None), duplicate(n=1), '
+    'error(code="XX000", message=None, severity="ERROR"), hang(ms=None), '
+    'throttle(bytes_per_second), slice(size, delay_ms=0, variation=None), '
     "slow_close(ms) or limit(bytes)")
 NAME_RULE = "a name is a letter or digit, then up to 63 letters, digits, '_', '.', ':' or '-'"
 CONNECT_DELAY = ("connect_delay() applies to every new connection and must come directly after "
@@ -142,7 +143,7 @@ def test_where_client_works_on_every_protocol() -> None:
         ("conn.delay(50)", Action("delay", options=(("ms", 50.0), ("jitter", 0.0)))),
         ("conn.delay(50, 10)", Action("delay", options=(("ms", 50.0), ("jitter", 10.0)))),
         ("conn.delay(jitter=2.5, ms=0)", Action("delay", options=(("ms", 0.0), ("jitter", 2.5)))),
-        ("conn.drop()", Action("drop")),
+        ("conn.drop()", Action("drop", options=(("timeout_ms", None),))),
         ("conn.duplicate()", Action("duplicate", options=(("n", 1),))),
         ("conn.duplicate(1000)", Action("duplicate", options=(("n", 1000),))),
         ("conn.error()", Action("error", options=(("code", "XX000"), ("message", None),
@@ -162,8 +163,14 @@ def test_where_client_works_on_every_protocol() -> None:
         ("conn.hang(None)", Action("hang", options=(("ms", None),))),
         ("conn.hang(ms=250)", Action("hang", options=(("ms", 250.0),))),
         ("conn.throttle(1024)", Action("throttle", options=(("bytes_per_second", 1024),))),
-        ("conn.slice(8)", Action("slice", options=(("size", 8), ("delay_ms", 0.0)))),
-        ("conn.slice(1, delay_ms=5)", Action("slice", options=(("size", 1), ("delay_ms", 5.0)))),
+        ("conn.slice(8)", Action("slice", options=(("size", 8), ("delay_ms", 0.0),
+                                                   ("variation", None)))),
+        ("conn.slice(1, delay_ms=5)", Action("slice", options=(("size", 1), ("delay_ms", 5.0),
+                                                               ("variation", None)))),
+        ("conn.slice(4, 1, variation=2)", Action("slice", options=(("size", 4), ("delay_ms", 1.0),
+                                                                   ("variation", 2)))),
+        ("conn.reset(after_ms=250)", Action("reset", options=(("after_ms", 250.0),))),
+        ("conn.drop(timeout_ms=0)", Action("drop", options=(("timeout_ms", 0.0),))),
         ("conn.slow_close(0)", Action("slow_close", options=(("ms", 0.0),))),
         ("conn.limit(0)", Action("limit", options=(("bytes", 0),))),
         ("conn.limit(bytes=100)", Action("limit", options=(("bytes", 100),))),
@@ -178,7 +185,10 @@ def test_new_actions_parse_to_exact_results(text: str, action: Action) -> None:
 
 def test_option_values_have_exact_types() -> None:
     assert [type(v) for _, v in _action("conn.delay(1, 2)").options] == [float, float]
-    assert [type(v) for _, v in _action("conn.slice(3)").options] == [int, float]
+    assert [type(v) for _, v in _action("conn.slice(3)").options] == [int, float, type(None)]
+    assert type(_action("conn.slice(3, variation=2)").option("variation")) is int
+    assert type(_action("conn.reset(after_ms=5)").option("after_ms")) is float
+    assert type(_action("conn.drop(timeout_ms=5)").option("timeout_ms")) is float
     assert type(_action("conn.duplicate(2)").option("n")) is int
     assert type(_action("conn.cancel(after_ms=5)").option("after_ms")) is float
     assert type(_action("conn.throttle(5)").option("bytes_per_second")) is int
@@ -218,7 +228,8 @@ def test_faults_add_with_a_seed() -> None:
     result = parse('faults.add("r", seed=7).probability(0.5).drop()')
     assert isinstance(result, FaultCommand)
     assert (result.name, result.seed, result.name_column) == ("r", 7, 12)
-    assert result.rule == Rule((Probability(0.5),), Action("drop"), result.text)
+    assert result.rule == Rule((Probability(0.5),), Action("drop", options=(("timeout_ms", None),)),
+                               result.text)
     assert parse('faults.add("r", 0).kill()').seed == 0
     assert parse('faults.add(name="r", seed=None).kill()').seed is None
     assert parse('faults.add(seed=3, name="r").kill()').name_column == 25
@@ -426,12 +437,13 @@ REJECTIONS = [
     ("conn.throttle()", "column 6: throttle(bytes_per_second) needs bytes_per_second"),
     ("conn.slice(0)", "column 12: slice(size) needs an integer >= 1, got 0"),
     ("conn.slice(1, -1)", "column 15: slice(delay_ms) needs a finite number >= 0, got -1"),
-    ("conn.slice(delay_ms=1)", "column 6: slice(size, delay_ms=0) needs size"),
+    ("conn.slice(delay_ms=1)", "column 6: slice(size, delay_ms=0, variation=None) needs size"),
     ("conn.slow_close(-1)", "column 17: slow_close(ms) needs a finite number >= 0, got -1"),
     ("conn.slow_close()", "column 6: slow_close(ms) needs ms"),
     ("conn.limit(-1)", "column 12: limit(bytes) needs an integer >= 0, got -1"),
     ("conn.limit(1.5)", "column 12: limit(bytes) needs an integer >= 0, got 1.5"),
-    ("conn.drop(1)", "column 11: too many arguments: drop() takes no arguments"),
+    ("conn.drop(1, 2)",
+     "column 14: too many arguments: drop(timeout_ms=None) takes at most 1 argument"),
     ("conn.delay(5).delay(5)",
      "column 15: nothing may follow the action delay(); the action comes last"),
     ("conn.kill().once()",
@@ -620,9 +632,12 @@ def test_corpus_means_the_same_with_and_without_the_new_protocol_fields() -> Non
 
 
 def test_old_actions_have_no_options() -> None:
-    for text in ("conn.allow()", "conn.kill()", "conn.reset()", "conn.killall()",
+    for text in ("conn.allow()", "conn.kill()", "conn.killall()",
                  "conn.cancel(5)", "conn.connect_delay(1)"):
         assert _action(text).options == ()
+    # reset() and drop() took options for Toxiproxy's reset_peer and timeout (#13).
+    assert _action("conn.reset()").options == (("after_ms", 0.0),)
+    assert _action("conn.drop()").options == (("timeout_ms", None),)
 
 
 # --- vocabulary ----------------------------------------------------------------------------
@@ -638,7 +653,7 @@ def test_signatures_render_defaults() -> None:
     assert list(FAULT_COMMANDS) == ["add", "remove", "clear", "list"]
     assert FILTERS["where"].signature == (
         "where(user=regex, database=regex, application_name=regex, client=regex)")
-    assert [p.required for p in ACTIONS["slice"].params] == [True, False]
+    assert [p.required for p in ACTIONS["slice"].params] == [True, False, False]
 
 
 def test_action_list_names_every_action_form() -> None:

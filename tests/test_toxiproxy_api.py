@@ -4,9 +4,16 @@ behaviour asserted on the wire."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import contextlib
+import os
+import signal
+import socket
+import socketserver
+import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,7 +47,7 @@ async def _scenario(tmp_path: Path, pg) -> None:
     config = tmp_path / "proxies.yaml"
     config.write_text("proxies: []\n")
     registry = ProxyRegistry()
-    args = argparse.Namespace(config=str(config), seed=0, ready_file=None)
+    args = serve.build_parser().parse_args(["--config", str(config), "--api", "none"])
     server = asyncio.ensure_future(serve.serve(args, registry))
     while not registry.running:
         assert not server.done(), server.result()
@@ -69,7 +76,7 @@ async def _scenario(tmp_path: Path, pg) -> None:
         return asyncio.to_thread(fn, *args, **kwargs)
 
     try:
-        assert (await call(client.version)) == b"2.12.0"
+        assert (await call(client.version)) == b'{"version": "2.12.0"}\n'
 
         # Create (listen port 0: a free one is chosen and kept), list.
         proxy = await call(client.create, upstream=f"127.0.0.1:{echo_port}", name="echo")
@@ -111,7 +118,7 @@ async def _scenario(tmp_path: Path, pg) -> None:
         await call(proxy.add_toxic, type="latency", attributes={"latency": 300})
         toxics = await call(proxy.toxics)
         assert list(toxics) == ["latency_downstream"]
-        assert toxics["latency_downstream"].attributes == {"latency": 300}
+        assert toxics["latency_downstream"].attributes == {"latency": 300, "jitter": 0}
         assert [f.name for f in registry.get("echo").runtime.engine.faults] == [
             "toxic:latency_downstream"]
         started = time.monotonic()
@@ -131,14 +138,15 @@ async def _scenario(tmp_path: Path, pg) -> None:
         writer.close()
         await call(proxy.destroy_toxic, "limit")
 
-        # timeout 0 hangs; timeout N closes N ms later.
+        # timeout 0 drops the stream; removing the toxic closes the connection (Toxiproxy's
+        # Cleanup: what was dropped is gone); timeout N closes N ms later.
         await call(proxy.add_toxic, type="timeout", name="hang", attributes={"timeout": 0})
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"held")
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(reader.read(65536), 0.5)
-        await call(proxy.destroy_toxic, "hang")  # what was held goes
-        assert await asyncio.wait_for(reader.read(65536), 10) == b"held"
+        await call(proxy.destroy_toxic, "hang")
+        assert await _read_all(reader) == b""
         writer.close()
         await call(proxy.add_toxic, type="timeout", name="close", attributes={"timeout": 300})
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -221,3 +229,270 @@ async def _scenario(tmp_path: Path, pg) -> None:
 def test_a_toxiproxy_client_drives_wirefault_serve(tmp_path, pg):
     asyncio.run(_scenario(tmp_path, pg))
     assert APIConsumer.port != 8474
+
+
+# -- each toxic on the wire, against a `wirefault serve` process -----------------------------
+
+SEED = 5
+
+
+class _Upstream(socketserver.BaseRequestHandler):
+    """Echoes, records what it reads; `SEND n` answers n bytes in one write, `CLOSE` answers
+    b"bye" and closes."""
+
+    def handle(self) -> None:
+        sock = self.request
+        while data := _recv(sock):
+            self.server.received.append(data)  # type: ignore[attr-defined]
+            if data.startswith(b"SEND "):
+                size = int(data.split()[1])
+                sock.sendall(bytes(i % 251 for i in range(size)))
+            elif data == b"CLOSE":
+                sock.sendall(b"bye")
+                break
+            else:
+                sock.sendall(data)
+
+
+def _recv(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(65536)
+    except OSError:
+        return b""
+
+
+@contextlib.contextmanager
+def _upstream() -> Iterator[socketserver.ThreadingTCPServer]:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Upstream)
+    server.daemon_threads = True
+    server.received = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A `wirefault serve` process (no proxies), its API, an upstream, a Toxiproxy client."""
+    from proxy_helpers import BIN, read_line
+
+    config = tmp_path_factory.mktemp("toxics") / "proxies.yaml"
+    config.write_text("proxies: []\n")
+    process = subprocess.Popen(
+        [str(BIN / "wirefault"), "serve", "--config", str(config), "--api", "127.0.0.1:0",
+         "--seed", str(SEED)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        ready = read_line(process.stdout).strip()
+        assert ready, process.stderr.read() if process.poll() is not None else "no ready"
+        words = dict(word.split("=", 1) for word in ready.split()[1:])
+        host, _, port = words["api"].rpartition(":")
+        client = toxiproxy.Toxiproxy()
+        client.update_api_consumer(host, int(port))
+        with _upstream() as upstream:
+            yield client, f"http://{words['api']}", upstream
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def _proxy(served, name: str):
+    client, _, upstream = served
+    proxy = client.create(upstream=f"127.0.0.1:{upstream.server_address[1]}", name=name)
+    return proxy, int(proxy.listen.rsplit(":", 1)[1])
+
+
+def _connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), 5)
+    sock.settimeout(20)
+    return sock
+
+
+def _read_until(sock: socket.socket, size: int) -> tuple[bytes, list[int]]:
+    data, reads = b"", []
+    while len(data) < size:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+        reads.append(len(chunk))
+    return data, reads
+
+
+def _wait_received(upstream, data: bytes, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if data in b"".join(upstream.received):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _payload(size: int) -> bytes:
+    return bytes(i % 251 for i in range(size))
+
+
+def test_the_version_is_toxiproxys_json(served):
+    _, base, _ = served
+    reply = requests.get(f"{base}/version")
+    assert reply.content == b'{"version": "2.12.0"}\n'
+    assert reply.headers["Content-Type"] == "application/json;charset=utf-8"
+
+
+def test_bandwidth_bounds_the_rate_in_kilobytes_of_1000(served):
+    proxy, port = _proxy(served, "bw")
+    proxy.add_toxic(type="bandwidth", attributes={"rate": 100})  # 100 000 bytes a second
+    size = 200_000
+    with _connect(port) as sock:
+        started = time.monotonic()
+        sock.sendall(b"SEND %d" % size)
+        data, _ = _read_until(sock, size)
+        took = time.monotonic() - started
+    assert data == _payload(size)
+    assert took >= size / 100_000 * 0.8, took
+    assert took < 30
+    proxy.destroy()
+
+
+def test_slow_close_holds_the_close_of_its_stream(served):
+    proxy, port = _proxy(served, "sc")
+    proxy.add_toxic(type="slow_close", attributes={"delay": 500})
+    with _connect(port) as sock:
+        sock.sendall(b"CLOSE")
+        assert _read_until(sock, 3)[0] == b"bye"  # the server has closed by now
+        seen = time.monotonic()
+        assert sock.recv(65536) == b""
+        assert time.monotonic() - seen >= 0.4
+    proxy.destroy()
+
+
+def test_slicer_cuts_as_toxiproxy_with_the_seeded_variation(served):
+    from wirefault.proxy import faults
+    from wirefault.proxy.faults.slice import Slice
+
+    proxy, port = _proxy(served, "sl")
+    proxy.add_toxic(type="slicer", attributes={"average_size": 100, "size_variation": 40,
+                                               "delay": 20_000})
+    size = 2000
+    with _connect(port) as sock:
+        started = time.monotonic()
+        sock.sendall(b"SEND %d" % size)
+        data, reads = _read_until(sock, size)
+        took = time.monotonic() - started
+    assert data == _payload(size)  # in order, intact
+    # The cuts Toxiproxy's algorithm makes with this seed, on the first server frame of the
+    # proxy's first connection: every read ends at one of them (reads may join pieces).
+    frame = type("F", (), {"data": data, "from_client": False})()
+    lengths, _, _ = Slice(100, 20, variation=40).decide(
+        frame, faults.ConnectionState(number=1, server_frames_seen=1),
+        faults.SharedState(name="toxic:slicer_downstream", seed=SEED)).value
+    assert len(set(lengths)) > 3 and all(n <= 140 for n in lengths)
+    cuts = {sum(lengths[:i + 1]) for i in range(len(lengths))}
+    ends = {sum(reads[:i + 1]) for i in range(len(reads))}
+    assert ends <= cuts, (reads, lengths)
+    assert len(reads) >= 5, reads
+    assert took >= (len(lengths) - 1) * 0.02 * 0.8
+    proxy.destroy()
+
+
+def test_reset_peer_resets_timeout_ms_after_the_streams_first_data(served):
+    _, _, upstream = served
+    proxy, port = _proxy(served, "rp")
+    proxy.add_toxic(type="reset_peer", attributes={"timeout": 400})
+    with _connect(port) as sock:
+        started = time.monotonic()
+        sock.sendall(b"first")  # echoed: the downstream's first data, swallowed
+        assert _wait_received(upstream, b"first")
+        sock.sendall(b"upward")  # the other direction still flows meanwhile
+        assert _wait_received(upstream, b"upward")
+        with pytest.raises(ConnectionResetError):
+            while sock.recv(65536):
+                pass
+        assert time.monotonic() - started >= 0.4 * 0.9
+    proxy.destroy()
+
+
+def test_timeout_drops_its_stream_only_and_closes_after_the_timeout(served):
+    _, _, upstream = served
+    proxy, port = _proxy(served, "to")
+    proxy.add_toxic(type="timeout", attributes={"timeout": 500})
+    with _connect(port) as sock:
+        started = time.monotonic()
+        sock.sendall(b"ping")
+        assert _wait_received(upstream, b"ping")  # upstream flows; the echo is dropped
+        sock.sendall(b"pong")
+        assert _wait_received(upstream, b"pong")
+        assert sock.recv(65536) == b""  # closed, nothing of the stream delivered
+        assert time.monotonic() - started >= 0.5 * 0.9
+    proxy.destroy()
+
+
+def test_limit_data_passes_exactly_the_bytes_then_closes(served):
+    proxy, port = _proxy(served, "ld")
+    proxy.add_toxic(type="limit_data", attributes={"bytes": 1000})
+    with _connect(port) as sock:
+        sock.sendall(b"SEND 5000")
+        data, _ = _read_until(sock, 5000)
+        assert data == _payload(1000)
+    proxy.destroy()
+
+
+def test_a_new_upstream_closes_the_live_connections(served):
+    _, base, _ = served
+    proxy, port = _proxy(served, "up")
+    with _upstream() as other, _connect(port) as sock:
+        sock.sendall(b"hello")
+        assert _read_until(sock, 5)[0] == b"hello"
+        reply = requests.post(f"{base}/proxies/up",
+                              json={"upstream": f"127.0.0.1:{other.server_address[1]}"})
+        assert reply.status_code == 200
+        with contextlib.suppress(ConnectionResetError):  # Toxiproxy restarts the proxy
+            assert sock.recv(65536) == b""
+        with _connect(port) as again:
+            again.sendall(b"there")
+            assert _read_until(again, 5)[0] == b"there"
+        assert _wait_received(other, b"there")
+    proxy.destroy()
+
+
+def test_populate_checks_every_entry_first_then_stops_at_a_failure(served):
+    client, base, upstream = served
+    target = f"127.0.0.1:{upstream.server_address[1]}"
+    reply = requests.post(f"{base}/populate", json=[
+        {"name": "p1", "upstream": target}, {"name": "p2"}])
+    assert (reply.status_code, reply.json()) == (400, {
+        "error": "missing required field: upstream at proxy 2", "status": 400,
+        "proxies": None})
+    assert "p1" not in client.proxies()
+    taken = free_port()
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", taken))
+    blocker.listen()
+    try:
+        reply = requests.post(f"{base}/populate", json=[
+            {"name": "p1", "upstream": target, "listen": "127.0.0.1:0"},
+            {"name": "p2", "upstream": target, "listen": f"127.0.0.1:{taken}"},
+            {"name": "p3", "upstream": target}])
+    finally:
+        blocker.close()
+    body = reply.json()
+    assert reply.status_code >= 400 and body["status"] == reply.status_code
+    assert [p["name"] for p in body["proxies"]] == ["p1"]
+    assert sorted(n for n in client.proxies() if n.startswith("p")) == ["p1"]
+    # The same listen and upstream again: kept as it is (its toxics too).
+    listen = body["proxies"][0]["listen"]
+    client.get_proxy("p1").add_toxic(type="latency", attributes={"latency": 1})
+    reply = requests.post(f"{base}/populate", json=[
+        {"name": "p1", "upstream": target, "listen": listen}])
+    assert reply.status_code == 201
+    assert reply.json()["proxies"][0]["toxics"][0]["name"] == "latency_downstream"
+    client.get_proxy("p1").destroy()
