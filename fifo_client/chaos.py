@@ -1,27 +1,33 @@
-"""`wirefault chaos SCENARIO.yaml`: arm faults on running proxies on a seeded schedule.
+"""`wirefault chaos SCENARIO.yaml`: a seeded crash-and-verify loop. It starts the
+scenario's managed processes, arms network faults on running proxies and applies process
+faults (crash, stop, pause) on one seeded schedule, checks invariants while it runs and at
+the end, and records the whole run.
 
     wirefault chaos scenario.yaml              # run it; timeline and summary on stdout
     wirefault chaos scenario.yaml --dry-run    # print the schedule, contact nobody
     wirefault chaos scenario.yaml --json       # the timeline as JSON lines instead
     wirefault chaos scenario.yaml --seed 7     # another seed, same scenario
+    wirefault chaos scenario.yaml --run-dir D  # this run's directory (default: see below)
+    wirefault chaos --replay RUN_DIR           # the recorded run's schedule, again
 
-The scenario format is described in `chaos_scenario`, the schedule in `chaos_schedule`.
-Every arming is a named fault on its proxy: the scenario's `conn.*` rule sent as
-`faults.add("<fault>:<arming>")...` and lifted with `faults.remove(...)`, so several faults
-are in force on one proxy at once. Each window runs on its own task, and each proxy's
-exchanges take turns, so a slow proxy never delays another's faults. A fault with
-`must_fire` stays armed past its planned lift until it fired, for at most `must_fire`
-seconds since its arming, and meanwhile holds the scenario clock (`chaos_clock`) that every
-proxy arms its faults by. The proxy counts each fault's firings: the runner polls that
-count (the fault's `fired` in `faults.list()`) once the arming command returned, and the
-fault fired when it is 1 or more. The runner never reads a proxy's recorder, so all it
-recorded during the run is still there afterwards.
+The scenario format is described in `chaos_scenario`, the schedule in `chaos_schedule`, the
+network faults in `chaos_network`, the managed processes in `chaos_processes`, the checks in
+`chaos_checks`, the run directory and `--replay` in `chaos_runlog`.
 
-The runner talks to proxies only through `FaultProxy`. Exit status: 0 when every check
-passed, 1 when a check failed, 2 for a bad scenario, a proxy that does not answer before
-the start, a fault command that failed or a must-fire fault that did not fire; 130 when
-interrupted and 141 when stdout was closed (e.g. piped into `head`): the run then stops,
-and either way every proxy is set back to `conn.allow()` (which removes every fault).
+A run: every proxy is set to `conn.allow()`, the processes are started in order (each
+waiting for its `ready`), then the clock starts: windows come at their times, `every`
+checks loop and progress checks watch. The first failed check, or a process that dies by
+itself ("crashed by itself"), or one that does not come back after a fault, fails the run
+at once; the scenario's `on_failure` then pauses the world (SIGSTOP to every process, left
+stopped, with the commands to resume or stop them printed) or stops it. Otherwise, once the
+duration is over, every fault is lifted, the checks run, and the processes are stopped.
+
+Exit status: 0 when every check passed, 1 when a check failed or a process failed, 2 for a
+bad scenario, a proxy that does not answer or a process that does not start, a fault
+command that failed or a must-fire fault that did not fire; 130 when interrupted (Ctrl-C),
+143 on SIGTERM and 141 when stdout was closed (e.g. piped into `head`): the run then stops,
+and in every case every proxy is set back to `conn.allow()` (which removes every fault) and
+no process is left running, but those a failure paused on purpose.
 """
 
 from __future__ import annotations
@@ -29,29 +35,38 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import signal
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import Any, TextIO
 
+from .chaos_checks import (
+    CHECK_OUTPUT_CHARS,
+    CHECK_RETRY_PAUSE,
+    ProgressWatch,
+    check_every,
+    run_shell_check,
+)
 from .chaos_clock import ScenarioClock
+from .chaos_network import WATCH_INTERVAL, CannotStart, NetworkFaults, ProxyUnreachable
+from .chaos_processes import ProcessError, ProcessEvent, Supervisor
+from .chaos_reaping import reap_leftovers
 from .chaos_report import (
     EXIT_BAD_RUN,
     EXIT_CHECK_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OUTPUT_CLOSED,
     EXIT_PASS,
+    EXIT_TERMINATED,
     CheckResult,
+    FaultCount,
     OutputClosed,
     Reporter,
     Tally,
     print_schedule,
     print_summary,
-    window_note,
 )
+from .chaos_runlog import RunDirError, load_replay, make_run_dir, start_run_log
 from .chaos_scenario import (
     ALLOW,
     DEFAULT_CHECK_TIMEOUT,
@@ -67,233 +82,285 @@ from .chaos_scenario import (
     load_scenario,
 )
 from .chaos_schedule import Schedule, Window, build_schedule
-from .client import LIST_FAULTS, FaultProxy
-from .errors import WirefaultError
-
-CHECK_RETRY_PAUSE = 0.5
-CHECK_OUTPUT_CHARS = 2000
-WATCH_INTERVAL = 0.1
-"""Seconds between two `faults.list()` polls of a proxy whose must-fire fault is armed."""
-
-T = TypeVar("T")
 
 __all__ = [
     "ALLOW", "CHECK_OUTPUT_CHARS", "CHECK_RETRY_PAUSE", "DEFAULT_CHECK_TIMEOUT",
     "DEFAULT_TIMEOUT", "EXIT_BAD_RUN", "EXIT_CHECK_FAILED", "EXIT_INTERRUPTED",
-    "EXIT_OUTPUT_CLOSED", "EXIT_PASS", "MAX_ARMINGS", "WATCH_INTERVAL", "CannotStart",
-    "CheckResult", "CheckSpec", "FaultSpec", "Interval", "OutputClosed", "ProxySpec",
-    "ProxyUnreachable", "Reporter", "Runner", "Scenario", "ScenarioError", "ScenarioErrors",
-    "Schedule", "Tally", "Window", "build_parser", "build_schedule", "load_scenario", "main",
-    "print_schedule", "print_summary",
+    "EXIT_OUTPUT_CLOSED", "EXIT_PASS", "EXIT_TERMINATED", "MAX_ARMINGS", "WATCH_INTERVAL",
+    "CannotStart", "CheckResult", "CheckSpec", "FaultSpec", "Interval", "OutputClosed",
+    "ProxySpec", "ProxyUnreachable", "Reporter", "Runner", "Scenario", "ScenarioError",
+    "ScenarioErrors", "Schedule", "Tally", "Window", "build_parser", "build_schedule",
+    "load_scenario", "main", "print_schedule", "print_summary",
 ]
 
 
-class CannotStart(WirefaultError):
-    """The run cannot begin: nothing was armed."""
-
-
-class ProxyUnreachable(CannotStart):
-    pass
-
-
 class Runner:
-    def __init__(self, scenario: Scenario, schedule: Schedule, reporter: Reporter) -> None:
+    def __init__(self, scenario: Scenario, schedule: Schedule, reporter: Reporter,
+                 run_dir: Path | None = None, err: TextIO | None = None,
+                 folder: Path | None = None) -> None:
         self.scenario = scenario
         self.schedule = schedule
         self.reporter = reporter
-        self.tally = Tally()
-        self.clients = {name: FaultProxy(spec.target, timeout=scenario.timeout)
-                        for name, spec in scenario.proxies.items()}
+        self.run_dir = run_dir
+        self.err = err
+        self.folder = folder or scenario.path.parent
+        """Where checks run (and relative paths start): the scenario's folder."""
+        self.tally = Tally(run_dir=None if run_dir is None else str(run_dir))
         self.clock = ScenarioClock()
-        self._in_flight: set[asyncio.Future[Any]] = set()
-        self._turns: dict[str, asyncio.Lock] = {}
-        """Per proxy: its exchanges queue here, in order, each with its whole timeout
-        (rather than in the client's thread lock, whose wait counts against it)."""
+        self.network = NetworkFaults(scenario, self.clock, reporter, self.tally)
+        self.clients = self.network.clients
+        for fault in scenario.faults:
+            kind, target = ("process", fault.process) if fault.is_process_fault \
+                else ("network", fault.proxy)
+            self.tally.faults[fault.name] = FaultCount(kind, target or "")
+        self.supervisor: Supervisor | None = None
+        """When the scenario has processes."""
+        self.progress = {check.name: ProgressWatch(check, self.folder)
+                         for check in scenario.checks if check.progress is not None}
+        self.started = False
+        self.terminated = False
+        """Set by SIGTERM: the run was cancelled on its account."""
+        self._failed: asyncio.Future[None] | None = None
+        self._ending = False
+        self._process_turns: dict[str, asyncio.Lock] = {}
 
     def elapsed(self) -> float:
-        return self.clock.elapsed()
+        """Seconds since the start (0 before it: the processes' start-up)."""
+        return self.clock.elapsed() if self.started else 0.0
 
     async def run(self) -> Tally:
-        await self._preflight()
-        self.reporter.emit("start", seed=self.schedule.seed, duration=self.schedule.duration,
-                           proxies=sorted(self.clients))
-        self.clock.start()
+        loop = asyncio.get_running_loop()
+        self._failed = loop.create_future()
+        main = asyncio.current_task()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGTERM, self._terminate, main)
         try:
-            await self._drive_every_proxy()
-            await self.clock.until(self.schedule.duration)
+            await self.network.preflight()
+            await self._start_processes()
+            start: dict[str, Any] = {"seed": self.schedule.seed,
+                                     "duration": self.schedule.duration,
+                                     "proxies": sorted(self.clients)}
+            if self.scenario.processes:
+                start["processes"] = list(self.scenario.processes)
+            self.reporter.emit("start", **start)
+            self.clock.start()
+            self.started = True
+            await self._while_running()
+            if self.tally.failure is None:
+                await self._final_checks()
+            if self.tally.failure is not None \
+                    or not all(check.passed for check in self.tally.checks):
+                self._on_failure()
         finally:
-            await self._lift_everything()
-        for check in self.scenario.checks:
-            self.tally.checks.append(await self._check(check))
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(signal.SIGTERM)
+            await self._clean_up()
         return self.tally
 
-    async def _preflight(self) -> None:
-        """Every proxy must answer before anything is armed; all start from allow()."""
-        for name, client in self.clients.items():
-            try:
-                await asyncio.to_thread(client.allow)
-            except WirefaultError as exc:
-                raise ProxyUnreachable(f"proxy {name}: {exc}") from None
+    def _terminate(self, main: asyncio.Task[Any] | None) -> None:
+        self.terminated = True
+        if main is not None:
+            main.cancel()
 
-    async def _drive_every_proxy(self) -> None:
+    # -- while it runs ---------------------------------------------------------------------
+
+    async def _while_running(self) -> None:
+        """The windows on the scenario clock, the `every` and progress checks beside them,
+        until the duration is over or the run failed."""
+        assert self._failed is not None
+        tasks = [asyncio.create_task(self._drive_every_window()), *self._start_watchers()]
+        try:
+            await asyncio.wait([tasks[0], self._failed], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        if self._failed.done() and self._failed.exception() is not None:
+            raise self._failed.exception()  # type: ignore[misc]
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) \
+                    and not isinstance(outcome, asyncio.CancelledError):
+                raise outcome
+
+    async def _drive_every_window(self) -> None:
         """Each window on its own task, started at its arming time (windows come in arming
-        order), so windows on one proxy overlap as scheduled and only the windows in force
-        have a task; when stdout goes away in one, the others are cancelled with it."""
+        order), so windows overlap as scheduled and only the windows in force have a task;
+        when stdout goes away in one, the others are cancelled with it."""
         try:
             async with asyncio.TaskGroup() as group:
                 for window in self.schedule.windows:
                     await self.clock.until(window.arm)
-                    group.create_task(self._drive(window))
+                    drive = self._apply if window.process is not None else self.network.drive
+                    group.create_task(drive(window))
         except* OutputClosed:
             raise OutputClosed from None
+        await self.clock.until(self.schedule.duration)
 
-    async def _drive(self, window: Window) -> None:
-        # The armed time is real seconds from the arming, whatever holds the clock: a fault
-        # armed before a hold is lifted on time, it cannot starve the waiting one.
-        lift_at = time.monotonic() + window.disarm - window.arm
-        if not await self._send(window, window.arm_command, "armed", window.command,
-                                window_note(window)):
-            return  # nothing to lift: the proxy refused the fault
-        self.tally.note_armed(window.proxy)
-        if window.must_fire is not None:
-            await self._keep_armed_until_fired(window, lift_at)
-        await asyncio.sleep(max(0.0, lift_at - time.monotonic()))
-        await self._send(window, window.lift_command, "disarmed", window.lift_command)
+    async def _apply(self, window: Window) -> None:
+        """A process fault: crash, stop or pause the process, and bring it back after the
+        window's `down`. Two windows on one process take turns (the second waits for the
+        first's restart), so each finds the process up."""
+        assert self.supervisor is not None and window.process and window.action
+        async with self._process_turns.setdefault(window.process, asyncio.Lock()):
+            process = self.supervisor.processes[window.process]
+            if process.state == "down" or self.tally.failure is not None:
+                return  # it died by itself: that failed the run already
+            down = round(window.disarm - window.arm, 3)
+            self.tally.faults[window.fault].applied += 1
+            note = f"{window.name}, pid {process.pid}, down {down:g}s"
+            self.reporter.event(window.action, self.elapsed(), window.process, note,
+                                process=window.process, fault=window.fault,
+                                name=window.name, pid=process.pid, down=down)
+            try:
+                await self.supervisor.apply(window.action, window.process, down)
+            except ProcessError as exc:
+                self._fail(str(exc), "process", process=window.process)
 
-    async def _call(self, proxy: str, function: Callable[..., T], *args: Any) -> T:
-        """`function(*args)` in a thread, after this proxy's earlier exchanges. A cancelled
-        run still waits for it (in `_lift_everything`), so no arming can land after the
-        final conn.allow()."""
-        async with self._turns.setdefault(proxy, asyncio.Lock()):
-            future = asyncio.get_running_loop().run_in_executor(None, function, *args)
-            self._in_flight.add(future)
-            future.add_done_callback(self._in_flight.discard)
-            return await asyncio.shield(future)
+    def _start_watchers(self) -> list[asyncio.Task[Any]]:
+        tasks = []
+        for check in self.scenario.checks:
+            if check.progress is not None:
+                watch = self.progress[check.name]
+                watch.start()
+                if watch.file is not None:
+                    tasks.append(asyncio.create_task(watch.follow_file()))
+                tasks.append(asyncio.create_task(self._watch_progress(watch)))
+            elif check.every is not None:
+                tasks.append(asyncio.create_task(
+                    check_every(check, self._run_check, self._checked_while_running)))
+        return tasks
 
-    async def _send(self, window: Window, command: str, event: str, shown: str,
-                    note: str = "") -> bool:
-        """Send `command`; the timeline shows `shown` (the scenario's rule, for an arming)."""
-        try:
-            await self._call(window.proxy, self.clients[window.proxy].send, command)
-        except WirefaultError as exc:
-            self._error(window, shown, str(exc))
-            return False
-        self.reporter.step(event, self.elapsed(), window.proxy, window.fault, shown, note,
-                           name=window.name)
-        return True
+    async def _watch_progress(self, watch: ProgressWatch) -> None:
+        self._checked_while_running(await watch.watch())
 
-    def _error(self, window: Window, command: str, problem: str) -> None:
+    def _checked_while_running(self, result: CheckResult) -> None:
+        self.tally.note_check_run(result)
+        self._report_check(result, during=True)
+        if not result.passed:
+            self.tally.checks.append(result)
+            problem = result.output.strip().splitlines()[-1:] if result.output else []
+            reason = f"check {result.name} failed"
+            if result.matches is None:
+                reason += f" (exit {result.status})"
+            if problem:
+                reason += f": {problem[0]}"
+            self._fail(reason, "check", check=result.name)
+
+    async def _run_check(self, check: CheckSpec) -> CheckResult:
+        env = {"WIREFAULT_CHAOS_SEED": str(self.schedule.seed)}
+        if self.run_dir is not None:
+            env["WIREFAULT_CHAOS_RUN_DIR"] = str(self.run_dir)
+        return await run_shell_check(check, self.folder, env)
+
+    def _report_check(self, result: CheckResult, *, during: bool = False) -> None:
+        if result.matches is not None:
+            fields: dict[str, Any] = {"name": result.name, "progress": result.run,
+                                      "passed": result.passed, "seconds": result.seconds,
+                                      "matches": result.matches, "output": result.output}
+        else:
+            fields = {"name": result.name, "run": result.run, "passed": result.passed,
+                      "status": result.status, "seconds": result.seconds,
+                      "attempts": result.attempts, "output": result.output}
+        if not during:  # after the run, as before: the summary shows them
+            self.reporter.emit("check", **fields)
+            return
+        if result.passed:
+            note = f"passed in {result.seconds:.2f}s" if result.matches is None else "passed"
+        elif result.matches is not None:
+            note = f"FAILED: {result.output}"
+        else:
+            note = f"FAILED: exit {result.status} after {result.attempts} attempt(s)"
+        self.reporter.event("check", self.elapsed(), result.name, note, **fields)
+
+    def _fail(self, reason: str, kind: str, **fields: Any) -> None:
+        """The run failed (the first failure counts; those after are only shown)."""
+        assert self._failed is not None
+        if self._ending or self.tally.failure is not None:
+            return
         moment = self.elapsed()
-        self.tally.errors.append(f"+{moment:.3f}s {window.proxy} {window.fault}: {problem}")
-        self.reporter.step("error", moment, window.proxy, window.fault, command, problem,
-                           name=window.name, error=problem)
+        self.tally.failure = f"+{moment:.3f}s {reason}"
+        self.tally.failed_check = kind == "check"
+        self.reporter.event("failure", moment, reason, "", reason=reason, **fields)
+        if not self._failed.done():
+            self._failed.set_result(None)
 
-    # -- must_fire -------------------------------------------------------------------------
+    # -- processes -------------------------------------------------------------------------
 
-    async def _keep_armed_until_fired(self, window: Window, lift_at: float) -> None:
-        """Poll the proxy until the fault fired: until its planned lift (`lift_at`,
-        monotonic), then holding the scenario clock, for at most `must_fire` seconds since
-        the arming."""
-        assert window.must_fire is not None
-        deadline = time.monotonic() + window.must_fire
-        holding = False
+    async def _start_processes(self) -> None:
+        """Reap what a killed earlier run left, then start the processes, in order."""
+        if self.run_dir is not None:
+            for line in reap_leftovers(self.run_dir.parent):
+                if self.err is not None:
+                    print(f"wirefault chaos: {line}", file=self.err, flush=True)
+                self.reporter.event("reaped", 0.0, "", line, detail=line)
+        if not self.scenario.processes:
+            return
+        if self.run_dir is None:
+            raise CannotStart("managed processes need a run directory")
+        self.supervisor = Supervisor(self.scenario.processes, self.run_dir,
+                                     self._process_event)
+        for watch in self.progress.values():
+            if watch.spec.process is not None:
+                self.supervisor.processes[watch.spec.process].add_line_listener(watch.feed)
         try:
-            while not await self._fired(window):
-                now = time.monotonic()
-                # Past its lift it waited, even when a slow poll also took it past its bound.
-                if not holding and lift_at <= now and lift_at < deadline:
-                    holding = True
-                    self.clock.hold()
-                    self.reporter.step("waiting", self.elapsed(), window.proxy, window.fault,
-                                       window.command, "not fired yet: scenario clock held",
-                                       name=window.name)
-                if now >= deadline:
-                    self._error(window, window.command,
-                                f"did not fire within {window.must_fire:g}s of being armed")
-                    return
-                wake = min(deadline, now + WATCH_INTERVAL)
-                if not holding:  # be there at the planned lift, to hold the clock on time
-                    wake = min(wake, lift_at)
-                await asyncio.sleep(wake - now)
-        finally:
-            if holding:
-                self.clock.release()
+            await self.supervisor.start_all()
+        except ProcessError as exc:
+            raise CannotStart(str(exc)) from None
 
-    async def _fired(self, window: Window) -> bool:
-        """Ask the proxy once: True when this arming's fault fired (its own count in
-        `faults.list()`, whatever other faults do), or when the proxy cannot say (an error,
-        or the fault is gone: nothing more can be seen)."""
+    def _process_event(self, event: ProcessEvent) -> None:
+        """A `ProcessEvent` from the supervisor: shown and logged; a process that exited
+        when the runner did not make it fails the run."""
+        note = ", ".join(part for part in (f"pid {event.pid}" if event.pid else "",
+                                           event.detail) if part)
         try:
-            listed = await self._call(window.proxy, self.clients[window.proxy].faults)
-        except WirefaultError as exc:
-            self._error(window, LIST_FAULTS, str(exc))
-            return True
-        fault = next((info for info in listed if info.name == window.name), None)
-        if fault is None:  # removed behind the run's back (conn.* or faults.* by hand)
-            self._error(window, LIST_FAULTS, f"fault {window.name} is no longer on the "
-                                             f"proxy: it can no longer be seen firing")
-            return True
-        if fault.fired < 1:
-            return False
-        self.tally.note_fired(window.proxy)
-        frames = fault.fired
-        self.reporter.step("fired", self.elapsed(), window.proxy, window.fault, window.command,
-                           f"acted on {frames} frame{'' if frames == 1 else 's'}",
-                           name=window.name, frames=frames)
-        return True
+            self.reporter.event(event.kind, self.elapsed(), event.process, note,
+                                process=event.process, pid=event.pid, detail=event.detail)
+            if event.kind == "exited":
+                self._fail(f"process {event.process} crashed by itself "
+                           f"({event.detail or 'it exited'})", "process",
+                           process=event.process)
+        except OutputClosed:  # raised here, it would land in the supervisor's task
+            self._stop_with(OutputClosed())
+
+    def _stop_with(self, exc: BaseException) -> None:
+        if self._failed is not None and not self._failed.done():
+            self._failed.set_exception(exc)
+
+    def _on_failure(self) -> None:
+        """The scenario's on_failure: pause leaves every process stopped (SIGSTOP) for a
+        person to look at; stop is what the clean-up does anyway."""
+        if self.supervisor is None or self.scenario.on_failure != "pause":
+            return
+        self._ending = True
+        paused = dict(self.supervisor.pause_world())
+        for name, process in self.supervisor.processes.items():
+            log = Path(process.log_path)
+            older = sorted(str(path) for path in log.parent.glob(f"{log.name}.*"))
+            info = {"name": name, "pid": process.pid, "pgid": paused.get(name),
+                    "log": str(log), "older_logs": older}
+            self.tally.paused.append(info)
+        self.reporter.event("world_paused", self.elapsed(), ", ".join(paused),
+                            "SIGSTOP: every managed process", paused=self.tally.paused)
 
     # -- the end ---------------------------------------------------------------------------
 
-    async def _lift_everything(self) -> None:
-        """Leave no fault armed, whatever happened (a cancelled run included): let the
-        exchanges still in flight finish, then conn.allow() everywhere."""
-        if self._in_flight:
-            await asyncio.wait(list(self._in_flight))
-        for client in self.clients.values():
-            with contextlib.suppress(WirefaultError):
-                await asyncio.to_thread(client.allow)
-        self.tally.held = self.clock.held()
+    async def _final_checks(self) -> None:
+        """Lift every fault, then every check once (progress checks: how they stand)."""
+        await self.network.lift_everything()
+        for check in self.scenario.checks:
+            if check.progress is not None:
+                result = self.progress[check.name].result()
+            else:
+                result = await self._run_check(check)
+            self._report_check(result)
+            self.tally.checks.append(result)
 
-    async def _check(self, check: CheckSpec) -> CheckResult:
-        started = time.monotonic()
-        attempts = 0
-        while True:
-            attempts += 1
-            status, output = await self._run_shell(check)
-            waited = time.monotonic() - started
-            if status == 0 or waited + CHECK_RETRY_PAUSE > check.retry_for:
-                break
-            await asyncio.sleep(CHECK_RETRY_PAUSE)
-        result = CheckResult(check.name, check.run, status == 0, status,
-                             round(time.monotonic() - started, 3), attempts,
-                             output[-CHECK_OUTPUT_CHARS:])
-        self.reporter.emit("check", name=result.name, run=result.run, passed=result.passed,
-                           status=result.status, seconds=result.seconds,
-                           attempts=result.attempts, output=result.output)
-        return result
-
-    async def _run_shell(self, check: CheckSpec) -> tuple[int | None, str]:
-        env = {**os.environ, "WIREFAULT_CHAOS_SEED": str(self.schedule.seed)}
-        process = await asyncio.create_subprocess_shell(
-            check.run, cwd=self.scenario.path.parent, env=env,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True)
-        try:
-            output, _ = await asyncio.wait_for(process.communicate(), check.timeout)
-        except TimeoutError:
-            await _kill(process)
-            return None, f"timed out after {check.timeout:g}s"
-        except asyncio.CancelledError:  # an interrupted run leaves no check running
-            await _kill(process)
-            raise
-        return process.returncode, output.decode("utf-8", "replace")
-
-
-async def _kill(process: asyncio.subprocess.Process) -> None:
-    """Kill the check's whole process group (it runs in its own session) and reap it."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    await process.wait()
+    async def _clean_up(self) -> None:
+        """Whatever happened: no fault armed, no process running (but a paused world)."""
+        self._ending = True
+        await self.network.lift_everything()
+        if self.supervisor is not None and not self.tally.paused:
+            await self.supervisor.stop_all()
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -302,20 +369,28 @@ async def _kill(process: asyncio.subprocess.Process) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wirefault chaos",
-        description="Arm faults on running wirefault proxies on a seeded schedule, "
-                    "then run the scenario's checks.",
-        epilog="exit status: 0 checks passed, 1 a check failed, 2 bad scenario, "
-               "unreachable proxy, failed fault command or must-fire fault that did not "
-               "fire, 130 interrupted, 141 stdout closed (the run stops; proxies are "
-               "set back to conn.allow())",
+        description="Start the scenario's processes, arm network faults on running "
+                    "wirefault proxies and apply process faults on a seeded schedule, "
+                    "check invariants while it runs and at the end.",
+        epilog="exit status: 0 checks passed, 1 a check or a process failed, 2 bad "
+               "scenario, unreachable proxy, process that did not start, failed fault "
+               "command or must-fire fault that did not fire, 130 interrupted, 143 "
+               "terminated, 141 stdout closed (the run stops; proxies are set back to "
+               "conn.allow(), processes stopped)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("scenario", type=Path, help="the scenario file (YAML)")
+    parser.add_argument("scenario", type=Path, nargs="?", help="the scenario file (YAML)")
     parser.add_argument("--json", action="store_true",
                         help="write the timeline as JSON lines on stdout")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the schedule and exit without contacting any proxy")
     parser.add_argument("--seed", type=int, help="override the scenario's seed")
+    parser.add_argument("--run-dir", type=Path, metavar="DIR",
+                        help="this run's directory (default: a new one in the scenario's "
+                             "run_dir, else in <scenario folder>/chaos-runs)")
+    parser.add_argument("--replay", type=Path, metavar="RUN_DIR",
+                        help="run the schedule recorded in RUN_DIR again (its "
+                             "scenario.yaml, its seed); refused if it now differs")
     return parser
 
 
@@ -324,23 +399,51 @@ def main(argv: list[str] | None = None, out: TextIO | None = None,
     """Run `wirefault chaos`; returns the exit status."""
     out = out or sys.stdout
     err = err or sys.stderr
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed the problem
         return EXIT_BAD_RUN if exc.code else EXIT_PASS
+    if (args.scenario is None) == (args.replay is None):
+        print("wirefault chaos: give a scenario file or --replay RUN_DIR (one of the two)",
+              file=err)
+        return EXIT_BAD_RUN
+    if args.replay is not None and args.seed is not None:
+        print("wirefault chaos: --replay runs the recorded seed; --seed does not go with it",
+              file=err)
+        return EXIT_BAD_RUN
     try:
-        scenario = load_scenario(args.scenario)
+        if args.replay is not None:
+            scenario, schedule, source = load_replay(args.replay)
+        else:
+            scenario = load_scenario(args.scenario)
+            schedule, source = build_schedule(scenario, args.seed), scenario.path
     except ScenarioErrors as exc:
         for error in exc.errors:
             print(f"wirefault chaos: {error}", file=err)
         return EXIT_BAD_RUN
-    schedule = build_schedule(scenario, args.seed)
-    reporter = Reporter(out, args.json, max(len(name) for name in scenario.proxies))
+    except RunDirError as exc:
+        print(f"wirefault chaos: {exc}", file=err)
+        return EXIT_BAD_RUN
+    reporter = Reporter(out, args.json, max((len(name) for name in scenario.proxies),
+                                            default=0))
     try:
         if args.dry_run:
             print_schedule(schedule, reporter)
             return EXIT_PASS
-        return _run(Runner(scenario, schedule, reporter), err)
+        folder = source.parent
+        try:
+            run_dir = make_run_dir(scenario, schedule.seed, args.run_dir, folder)
+            log = start_run_log(run_dir, scenario, schedule, source, args.replay)
+        except RunDirError as exc:
+            print(f"wirefault chaos: {exc}", file=err)
+            return EXIT_BAD_RUN
+        runner = Runner(scenario, schedule, reporter, run_dir, err, folder)
+        reporter.log, reporter.clock = log, runner.elapsed
+        try:
+            return _run(runner, err)
+        finally:
+            log.close()
     except OutputClosed:
         if not args.dry_run:
             print("wirefault chaos: stdout was closed: stopped the run (no checks run); "
@@ -349,15 +452,30 @@ def main(argv: list[str] | None = None, out: TextIO | None = None,
 
 
 def _run(runner: Runner, err: TextIO) -> int:
+    stopped = "every proxy was set back to conn.allow()"
+    if runner.scenario.processes:
+        stopped += " and every process was stopped"
+    previous = signal.getsignal(signal.SIGTERM)
     try:
         tally = asyncio.run(runner.run())
     except CannotStart as exc:
         print(f"wirefault chaos: {exc}", file=err)
         return EXIT_BAD_RUN
     except KeyboardInterrupt:
-        print("wirefault chaos: interrupted; every proxy was set back to conn.allow()",
-              file=err)
+        with contextlib.suppress(OutputClosed):
+            runner.reporter.emit("interrupted", t=round(runner.elapsed(), 3))
+        print(f"wirefault chaos: interrupted; {stopped}", file=err)
         return EXIT_INTERRUPTED
+    except asyncio.CancelledError:
+        if not runner.terminated:
+            raise
+        with contextlib.suppress(OutputClosed):
+            runner.reporter.emit("terminated", t=round(runner.elapsed(), 3))
+        print(f"wirefault chaos: terminated (SIGTERM); {stopped}", file=err)
+        return EXIT_TERMINATED
+    finally:
+        with contextlib.suppress(ValueError):  # not the main thread: it was never changed
+            signal.signal(signal.SIGTERM, previous)
     print_summary(runner.schedule, tally, runner.reporter)
     return tally.exit_status()
 

@@ -11,8 +11,8 @@
         faults:                       # optional initial commands, conn.* or faults.add(...)
           - faults.add("commit").onQuery(query="^COMMIT").kill()
 
-Problems are reported as `file:line:column: key: problem`, with the machinery of chaos
-scenarios (fifo_client/chaos_scenario.py): unknown keys, bad values, duplicates.
+Problems are reported as `file:line:column: key: problem`, with the machinery chaos
+scenarios use too (fifo_client/yaml_reader.py): unknown keys, bad values, duplicates.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from pathlib import Path
 
 import yaml
 
-from wirefault.fifo_client.chaos_scenario import (
-    ScenarioError,
-    ScenarioErrors,
-    _position,
-    _Reader,
-    _yaml_error,
+from wirefault.fifo_client.yaml_reader import (
+    ReaderError,
+    ReaderErrors,
+    YamlReader,
+    compose,
+    position,
 )
 
 from .proxy_registry import PROXY_NAME, ProxySpec
@@ -38,7 +38,7 @@ PROXY_REQUIRED = ("name", "listen", "upstream")
 PROXY_OPTIONAL = ("protocol", "fifo", "enabled", "faults", "seed")
 
 
-class ConfigError(ScenarioErrors):
+class ConfigError(ReaderErrors):
     """Every problem of a config file, in file order; `first_line` is the first one."""
 
     @property
@@ -65,22 +65,19 @@ def load_config(path: str | Path) -> ServeConfig:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise ConfigError([ScenarioError(path, None, None, "", f"cannot read: {reason}")]) \
+        raise ConfigError([ReaderError(path, None, None, "", f"cannot read: {reason}")]) \
             from None
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        raise ConfigError([_yaml_error(path, exc)]) from None
+    root = compose(path, text, ConfigError)
     if root is None:
-        raise ConfigError([ScenarioError(path, 1, 1, "", "the config is empty")])
+        raise ConfigError([ReaderError(path, 1, 1, "", "the config is empty")])
     reader = _ConfigReader(path)
     config = reader.attempt(reader.config, root)
     if reader.errors or config is None:
-        raise ConfigError(sorted(reader.errors, key=_position))
+        raise ConfigError(sorted(reader.errors, key=position))
     return config
 
 
-class _ConfigReader(_Reader):
+class _ConfigReader(YamlReader):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.names: set[str] = set()

@@ -347,7 +347,7 @@ def test_a_bad_scenario_reports_every_problem_in_file_order(tmp_path: Path) -> N
     assert err.splitlines() == [f"wirefault chaos: {path}:{where}" for where in (
         "1:7: seed: expected an integer, got 'x'",
         "3:1: timeot: unknown key (expected seed, duration, proxies, faults, timeout, checks, "
-        "description); did you mean 'timeout'?",
+        "description, processes, on_failure, run_dir); did you mean 'timeout'?",
         "6:31: proxies.q.protocol: unknown protocol 'mysql'; known: postgres, wallaroo, raw",
         "10:14: faults[0].command: column 6: unknown message type 'Notfy' for protocol "
         "wallaroo; did you mean 'Notify'? (protocol wallaroo)",
@@ -479,7 +479,11 @@ checks:
                         lines[0]), lines
     assert re.fullmatch(r"\+ +\d\.\d{3}s  echo  disarmed +cut: faults\.remove\(\"cut:1\"\)",
                         lines[1]), lines
-    assert lines[2] == "summary: seed 3, 1.2s, 1 faults armed (echo 1), 0 errors, " \
+    # The final table: the kill fired on the pings, once per arming, on some frames.
+    assert lines[2:4] == ["faults:", "  fault  target      applied  fired"]
+    assert re.fullmatch(r"  cut    proxy echo        1  1 \(\d+ frames?\)", lines[4]), lines
+    assert re.fullmatch(r"run log: .*/chaos-runs/\d{8}-\d{6}-seed3/run\.jsonl", lines[5])
+    assert lines[6] == "summary: seed 3, 1.2s, 1 faults armed (echo 1), 0 errors, " \
                        "1/1 checks passed"
     assert lines[-1] == "verdict: pass (exit 0)"
     assert False in results, "no ping failed while the kill was armed"
@@ -601,9 +605,19 @@ checks:
     assert events[4] | {"seconds": 0} == {
         "event": "check", "name": "fails", "run": "echo broken; exit 3", "passed": False,
         "status": 3, "seconds": 0, "attempts": 1, "output": "broken\n"}
+    run_dir = events[5]["run_dir"]
     assert events[5] == {"event": "summary", "seed": 3, "duration": 1.2,
                          "armed": {"echo": 1}, "fired": {}, "held": 0.0, "errors": [],
-                         "checks": {"passed": 1, "failed": 1}, "exit": 1}
+                         "checks": {"passed": 1, "failed": 1},
+                         "faults": {"cut": {"kind": "network", "target": "echo", "applied": 1,
+                                            "fired": 0, "frames": 0, "never_fired": True}},
+                         "run_dir": run_dir, "exit": 1}
+    assert Path(run_dir).parent == tmp_path / "chaos-runs"
+    logged = [json.loads(line) for line in (Path(run_dir) / "run.jsonl").read_text().splitlines()]
+    assert logged[0]["event"] == "schedule"
+    assert [{key: value for key, value in event.items() if key != "t"} for event in logged[1:]] \
+        == [{key: value for key, value in event.items() if key != "t"} for event in events]
+    assert all(isinstance(event["t"], float) for event in logged)
 
 
 def test_a_check_is_retried_until_it_passes(tmp_path: Path, raw_proxy: RunningProxy) -> None:
