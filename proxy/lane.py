@@ -7,7 +7,8 @@ Otherwise what arrives waits in the lane's queue, in order, and leaves when the 
   go out without being judged again;
 - `Out` bytes, judged and ready, paced by the lane's throttle, cut by its limit, and apart
   by a slice's gap;
-- `Closed` markers: the source's close, passed on in order (later, with slow_close).
+- `Closed` markers: the source's close, passed on in order (later, with slow_close);
+- `Arrived` markers: when the frames behind them arrived, which their delays count from.
 """
 
 from __future__ import annotations
@@ -58,7 +59,18 @@ class Closed:
         self.waited = False
 
 
-Item = Frame | Held | Out | Closed
+class Arrived:
+    """When the frames behind it arrived (the runtime's clock): a delay counts from a
+    frame's arrival, so frames that waited behind a delayed one are not delayed again in
+    full (latency, as Toxiproxy and netem mean it, not one delay after another)."""
+
+    __slots__ = ("at",)
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+
+Item = Frame | Held | Out | Closed | Arrived
 
 
 @dataclass(eq=False, slots=True)
@@ -79,6 +91,8 @@ class Lane:
     limit: int | None = None
     """limit(): bytes the lane may still carry before the connection is closed."""
     reading_stopped: bool = False
+    arrived: float | None = None
+    """When the frames now judged from the queue arrived (their `Arrived` marker)."""
     slow: bool = False
     """Anything makes a read take the queue (see `WirefaultLayer._update_lanes`)."""
 
@@ -135,4 +149,5 @@ class Lane:
 
 
 def _size(item: Item) -> int:
-    return 0 if type(item) is Closed else len(item.data)  # type: ignore[union-attr]
+    kind = type(item)
+    return 0 if kind is Closed or kind is Arrived else len(item.data)  # type: ignore[union-attr]

@@ -39,7 +39,7 @@ from wirefault.protocols import Frame, FrameBatch
 from .fast_relay import FastRelay
 from .faults import FORWARD, Verdict
 from .faults.slice import Pieces, pieces_of
-from .lane import Closed, Held, Lane, Out
+from .lane import Arrived, Closed, Held, Lane, Out
 from .recorder import RecorderSlot
 from .relay_io import EXECUTED, RelayIO, ResetConnections, SendCancelRequest, SetReading
 from .rules import CONN_FAULT_NAME, Judgement
@@ -316,7 +316,7 @@ class WirefaultLayer(layer.Layer):
 
     def _enqueue(self, lane: Lane, frames: FrameBatch | list[Frame]) -> list[commands.Command]:
         """The frames wait in the lane behind what is there; past the limit, stop reading."""
-        lane.push_back(list(frames))
+        lane.push_back([Arrived(self.runtime.clock()), *frames])
         out = list(self._pump(lane))
         if lane.queued_bytes > BACKLOG_LIMIT and not lane.reading_stopped and not self.dead:
             lane.reading_stopped = True
@@ -355,6 +355,9 @@ class WirefaultLayer(layer.Layer):
                     continue
                 lane.pop()
                 yield from self._on_closed(item.connection)  # type: ignore[union-attr]
+            elif kind is Arrived:
+                lane.pop()
+                lane.arrived = item.at  # type: ignore[union-attr]
             elif kind is Held:
                 lane.pop()
                 yield from self._finish_frame(lane, item.frame, item.judgement,  # type: ignore[union-attr]
@@ -381,13 +384,15 @@ class WirefaultLayer(layer.Layer):
             if data and not (yield from self._hold_close(lane, frame, data)):
                 yield from self._emit(lane, data)
         else:
-            yield from self._act(lane, frame, judgement, data)  # type: ignore[arg-type]
+            yield from self._act(lane, frame, judgement, data,  # type: ignore[arg-type]
+                                 lane.arrived)
 
     # -- acting on a frame -------------------------------------------------------------------
 
-    def _act(self, lane: Lane, frame: Frame, judgement: Judgement, data: bytes
-             ) -> layer.CommandGenerator[None]:
-        """The faults acted on `frame`: shape the lane, wait the holds, then end it."""
+    def _act(self, lane: Lane, frame: Frame, judgement: Judgement, data: bytes,
+             arrived: float | None = None) -> layer.CommandGenerator[None]:
+        """The faults acted on `frame`: shape the lane, wait the holds, then end it. A hold
+        counts from the frame's arrival (`arrived`, for a frame from the queue; else now)."""
         for name, action in judgement.fired:
             if name != CONN_FAULT_NAME:  # conn's rows stay as Citus's expected outputs show them
                 self.runtime.recorder.mark(self.slot, frame.from_client, f"fault {name}: {action}")
@@ -407,7 +412,10 @@ class WirefaultLayer(layer.Layer):
         if judgement.pause or judgement.hold:
             lane.push_front([Held(frame, judgement.after_holds(), data)])
             if judgement.hold:
-                lane.hold = self._timer(judgement.hold, lambda: self._hold_ended(lane))
+                hold = judgement.hold
+                if arrived is not None:
+                    hold = max(0.0, arrived + hold - self.runtime.clock())
+                lane.hold = self._timer(hold, lambda: self._hold_ended(lane))
                 yield lane.hold
             if judgement.pause:
                 self.runtime.pause.begin(judgement.pause, self)

@@ -39,9 +39,9 @@ stream on which nothing ever arrives does not close the connection, a `slow_clos
 close only once data has passed in its direction; `slow_close` then holds the close of
 either side, Toxiproxy's only that of its stream's source; `reset_peer` always sends a RST,
 where Toxiproxy sets SO_LINGER 0 only on connections opened while the toxic was there (one
-added to a live connection closes it with a FIN); `latency` holds a frame's direction behind
-it (Toxiproxy counts each chunk's latency from its own arrival). A `wirefault` toxic's
-command says its own direction: the stream adds no `fromClient()`/`fromServer()`.
+added to a live connection closes it with a FIN). `latency` counts, as Toxiproxy does, each
+frame's delay from its own arrival (`delay` does). A `wirefault` toxic's command says its
+own direction: the stream adds no `fromClient()`/`fromServer()`.
 """
 
 from __future__ import annotations

@@ -40,7 +40,8 @@ class Verdict(Enum):
     THROTTLE = "throttle"
     """`value`: bytes per second for this direction from this frame on."""
     SLICE = "slice"
-    """`value`: (piece size, seconds between pieces) for this frame."""
+    """`value`: (a piece size or the pieces' lengths in order, seconds between pieces,
+    whether that gap also follows the last piece) for this frame (see faults/slice.py)."""
     SLOW_CLOSE = "slow_close"
     """`value`: seconds a close is held before it is passed on."""
     LIMIT = "limit"
