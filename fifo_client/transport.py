@@ -117,11 +117,17 @@ def _open_lock_file(path: str, fifo_path: str, deadline: Deadline) -> int:
     while True:
         try:
             # flock needs no write access: read-only lets users share a lock file.
-            return os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # O_NOFOLLOW: a symlink planted in a shared directory would make O_CREAT
+            # create (or this lock open) a file wherever it points.
+            return os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                           0o644)
         except FileNotFoundError:  # the FIFO's directory does not exist (yet)
             if not backoff.wait():
                 raise _unavailable(fifo_path, deadline, "the FIFO does not exist") from None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise WirefaultError(f"lock file {path} is a symbolic link; refusing to "
+                                     "follow it") from None
             raise WirefaultError(f"cannot open lock file {path}: {exc.strerror}") from None
 
 
@@ -154,10 +160,13 @@ def _open_writer(path: str, deadline: Deadline) -> int:
     backoff = Backoff(deadline)
     while True:
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             why = "the FIFO does not exist"
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise WirefaultError(f"{path} is a symbolic link, not a FIFO; refusing to "
+                                     "follow it") from None
             if exc.errno != errno.ENXIO:
                 raise WirefaultError(f"cannot open FIFO {path}: {exc.strerror}") from None
             why = "nothing reads the FIFO"
@@ -216,9 +225,11 @@ def _wait_consumed(fd: int, path: str, deadline: Deadline) -> None:
 
 def _read_reply(path: str, deadline: Deadline) -> bytes:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
         raise _unavailable(path, deadline, "the FIFO disappeared") from None
+    except OSError as exc:
+        raise WirefaultError(f"cannot open FIFO {path}: {exc.strerror}") from None
     try:
         return _read_until_hangup(fd, path, deadline)
     finally:

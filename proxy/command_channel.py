@@ -116,7 +116,9 @@ def fifo_group_argument(text: str) -> str:
 
 
 _KINDS = {stat.S_IFREG: "a regular file", stat.S_IFDIR: "a directory",
-          stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
+          stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device",
+          # never followed: in a shared directory anyone may plant one pointing anywhere
+          stat.S_IFLNK: "a symbolic link"}
 
 
 def _not_a_fifo(path: str, mode: int) -> ChannelError:
@@ -293,7 +295,8 @@ class CommandChannel:
 
     def _open_existing_fifo(self, gid: int | None) -> int:
         try:
-            info = os.stat(self.path)
+            # lstat: a symlink planted in a shared directory could lead anywhere
+            info = os.lstat(self.path)
         except OSError as exc:  # e.g. removed again since mkfifo saw it
             raise ChannelError(self.path, f"cannot open it: {exc.strerror or exc}") from None
         if not stat.S_ISFIFO(info.st_mode):
@@ -304,7 +307,10 @@ class CommandChannel:
         try:
             fd = self._open_reader()
         except OSError as exc:
-            raise ChannelError(self.path, f"cannot open it: {exc.strerror or exc}") from None
+            raise self._open_error(exc) from None
+        if _identity(os.fstat(fd)) != _identity(info):  # swapped since the lstat
+            os.close(fd)
+            raise ChannelError(self.path, "was replaced while the proxy opened it")
         self._warn_if_not_as_asked(info, gid)
         return fd
 
@@ -374,8 +380,14 @@ class CommandChannel:
             return None
 
     def _open_reader(self) -> int:
-        # Non-blocking: never waits for a writer, and does not count as one.
-        return os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        # Non-blocking: never waits for a writer, and does not count as one. O_NOFOLLOW:
+        # never through a symlink someone swapped in after the checks.
+        return os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+
+    def _open_error(self, exc: OSError) -> ChannelError:
+        if exc.errno == errno.ELOOP:
+            return _not_a_fifo(self.path, stat.S_IFLNK)
+        return ChannelError(self.path, f"cannot open it: {exc.strerror or exc}")
 
     def _on_readable(self) -> None:
         fd = self._read_fd
@@ -463,7 +475,8 @@ class CommandChannel:
     def _open_writer(self) -> None:
         self._retry = None
         try:
-            self._write_fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            self._write_fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC
+                                     | os.O_NOFOLLOW)
         except OSError as exc:
             if exc.errno in (errno.ENXIO, errno.ENOENT):  # the client's reader is not there yet
                 self._retry_later(self._open_writer)
@@ -544,7 +557,8 @@ class CommandChannel:
         if not stale:
             return None
         try:
-            reader = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            reader = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+                             | os.O_NOFOLLOW)
         except OSError:
             return None
         # Only the bytes counted above: anything after them is somebody's next command.

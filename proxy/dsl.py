@@ -13,9 +13,9 @@ This module must not import mitmproxy: client code imports it to validate comman
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from wirefault import protocols
 from wirefault.protocols import ProtocolSpec
@@ -43,6 +43,9 @@ from wirefault.proxy.dsl_vocabulary import (
     signature,
 )
 
+if TYPE_CHECKING:  # user_regex imports re2: dsl stays light at import time
+    from wirefault.proxy.user_regex import UserPattern
+
 # --- results -------------------------------------------------------------------------------
 
 
@@ -51,14 +54,14 @@ class MessageFilter:
     """`on<Type>(field=regex, ...)`: a frame of `type` whose fields' text all match."""
 
     type: str
-    fields: tuple[tuple[str, re.Pattern[str]], ...]
+    fields: tuple[tuple[str, UserPattern], ...]
 
 
 @dataclass(frozen=True)
 class BytesMatch:
     """`matches(b"regex")`: `pattern.search` on the frame's raw bytes."""
 
-    pattern: re.Pattern[bytes]
+    pattern: UserPattern
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ class Where:
     """`where(user=regex, ...)`: connections whose startup parameters (`user`, `database`,
     `application_name`) and client address `HOST:PORT` (`client`) all match."""
 
-    fields: tuple[tuple[str, re.Pattern[str]], ...]
+    fields: tuple[tuple[str, UserPattern], ...]
 
 
 Step = (MessageFilter | BytesMatch | BytesContains | After | FromSide | Times | Probability

@@ -62,6 +62,7 @@ from wirefault.proxy.dsl_vocabulary import (
     listing,
     signature,
 )
+from wirefault.proxy.user_regex import UserPattern, UserRegexError, compile_user_pattern
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -277,7 +278,7 @@ class Checker:
             seen.add(keyword.arg)
 
     def field_regex(self, type_name: str, known: tuple[str, ...],
-                    keyword: ast.keyword) -> tuple[str, re.Pattern[str]]:
+                    keyword: ast.keyword) -> tuple[str, UserPattern]:
         if keyword.arg is None:
             self.fail("'**' arguments are not allowed", keyword)
         if keyword.arg not in known:
@@ -287,7 +288,7 @@ class Checker:
             self.fail(f"{type_name!r} has no field {keyword.arg!r}{hint}", keyword)
         return keyword.arg, self.regex(keyword)
 
-    def regex(self, keyword: ast.keyword) -> re.Pattern[str]:
+    def regex(self, keyword: ast.keyword) -> UserPattern:
         value = self.literal(keyword.value)
         if not isinstance(value, str):
             self.fail(f"{keyword.arg}= needs a str regex, got {value!r}", keyword.value)
@@ -322,7 +323,7 @@ class Checker:
                       f"where({available[0]}=\"regex\")", call.args[0])
         if not call.keywords:
             self.fail_at_name(f"where() needs at least one of {keys}", link)
-        fields: list[tuple[str, re.Pattern[str]]] = []
+        fields: list[tuple[str, UserPattern]] = []
         for keyword in call.keywords:
             key = keyword.arg
             if key is None:
@@ -339,11 +340,33 @@ class Checker:
             fields.append((key, self.regex(keyword)))
         return Where(tuple(fields))
 
-    def compile(self, pattern: str | bytes, node: ast.AST) -> re.Pattern:
+    def compile(self, pattern: str | bytes, node: ast.AST) -> UserPattern:
         try:
-            return re.compile(pattern)
+            return compile_user_pattern(pattern)
+        except UserRegexError as exc:
+            column = self.pattern_column(pattern, exc.offset, node)
+            where = "" if column is not None or exc.offset is None else \
+                f" at offset {exc.offset} of the pattern"
+            raise CommandError(f"regex {pattern!r} uses {exc.problem}{where}; patterns run "
+                               f"in linear time, which rules that out",
+                               column or self.source.node_column(node)) from None
         except Exception as exc:  # re.error, OverflowError, RecursionError: all bad regexes
             self.fail(f"bad regex {pattern!r}: {exc}", node)
+
+    def pattern_column(self, pattern: str | bytes, offset: int | None,
+                       node: ast.AST) -> int | None:
+        """The command column of `offset` in the pattern, when the literal is written as
+        the pattern itself (no escape that the string literal resolves); else None."""
+        if offset is None:
+            return None
+        start = self.source.node_column(node)
+        end = self.source.column(getattr(node, "end_col_offset", None))
+        written = self.source.text[start - 1:end - 1]
+        body = written.lstrip("rRbBuU")
+        text = pattern.decode("latin-1") if isinstance(pattern, bytes) else pattern
+        if len(body) < 2 or body[1:-1] != text:
+            return None
+        return start + len(written) - len(body) + 1 + offset
 
     # actions
 

@@ -86,12 +86,30 @@ class ApiHandler(tornado.web.RequestHandler):
     def prepare(self) -> None:
         token = self.application.settings.get("wirefault_token")
         if token is not None:
-            scheme, _, given = self.request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                    given.strip().encode(), token.encode()):
+            refused = self._token_refusal(token)
+            if refused is not None:
+                # One line for whoever watches the log; never the token nor what was sent
+                # in its place (a near miss would give most of it away).
+                logger.warning("wirefault: API %s %s from %s refused (401): %s",
+                               self.request.method, self.request.path,
+                               self.request.remote_ip, refused)
                 self.set_header("WWW-Authenticate", 'Bearer realm="wirefault"')
                 self.fail(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)")
         self.events.hook()
+
+    def _token_refusal(self, token: str) -> str | None:
+        """None when the request carries `token`; else why not, in words safe to log."""
+        header = self.request.headers.get("Authorization")
+        if header is None:
+            return "no Authorization header"
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer":
+            return "Authorization is not a bearer token"
+        # compare_digest: the time taken must not tell how much of the token was right
+        if not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"),
+                                   token.encode("utf-8")):
+            return "wrong bearer token"
+        return None
 
     def on_finish(self) -> None:
         self.events.hook()  # a proxy this request added fires into the log from now on

@@ -19,7 +19,6 @@ other connections' objects.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -43,6 +42,7 @@ from .faults import (
 )
 from .faults.base import frame_number
 from .faults.cancel import protected_pids
+from .user_regex import UserPattern
 
 logger = logging.getLogger("wirefault")
 
@@ -78,7 +78,7 @@ class InstalledFault:
     from_client: bool | None
     """fromClient() / fromServer(); None: both directions."""
     times: int | None
-    where: tuple[tuple[str, re.Pattern[str]], ...]
+    where: tuple[tuple[str, UserPattern], ...]
     connection_probability: float | None
     gate: frozenset[str] | None
     """When the chain starts with side-effect-free steps and a message filter, the type it names: a
@@ -164,7 +164,7 @@ def _gate(rule: dsl.Rule) -> frozenset[str] | None:
     return None
 
 
-def _fields_match(frame: Frame, fields: tuple[tuple[str, re.Pattern[str]], ...]) -> bool:
+def _fields_match(frame: Frame, fields: tuple[tuple[str, UserPattern], ...]) -> bool:
     for name, pattern in fields:
         text = frame.field_text(name)
         if text is None or pattern.search(text) is None:
@@ -172,7 +172,7 @@ def _fields_match(frame: Frame, fields: tuple[tuple[str, re.Pattern[str]], ...])
     return True
 
 
-def _derived_match(frame: Frame, fields: tuple[tuple[str, re.Pattern[str]], ...],
+def _derived_match(frame: Frame, fields: tuple[tuple[str, UserPattern], ...],
                    conn: ConnectionState) -> bool:
     agent = conn.agent
     if agent is None:
