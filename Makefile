@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo bench lint postgres venv clean
+.PHONY: test demo bench reliability lint postgres venv clean
 
 $(STAMP): pyproject.toml protocols/_pg_scan.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ demo: venv postgres
 
 bench: venv postgres
 	$(PY) tests/benchmarks/run.py
+
+reliability: venv postgres
+	$(PY) tests/reliability/run.py
 
 lint: venv
 	$(PY) -m ruff check .
