@@ -246,11 +246,18 @@ class Runner:
                 reason += f": {problem[0]}"
             self._fail(reason, "check", check=result.name)
 
-    async def _run_check(self, check: CheckSpec) -> CheckResult:
-        env = {"WIREFAULT_CHAOS_SEED": str(self.schedule.seed)}
+    def run_env(self) -> dict[str, str]:
+        """What checks and managed processes find in their environment about the run."""
+        env = {"WIREFAULT_CHAOS_SEED": str(self.schedule.seed),
+               # The Python running wirefault, so a scenario can start Python programs in
+               # the same environment (a virtualenv's, say) without naming its path.
+               "WIREFAULT_CHAOS_PYTHON": sys.executable}
         if self.run_dir is not None:
             env["WIREFAULT_CHAOS_RUN_DIR"] = str(self.run_dir)
-        return await run_shell_check(check, self.folder, env)
+        return env
+
+    async def _run_check(self, check: CheckSpec) -> CheckResult:
+        return await run_shell_check(check, self.folder, self.run_env())
 
     def _report_check(self, result: CheckResult, *, during: bool = False) -> None:
         if result.matches is not None:
@@ -298,7 +305,7 @@ class Runner:
         if self.run_dir is None:
             raise CannotStart("managed processes need a run directory")
         self.supervisor = Supervisor(self.scenario.processes, self.run_dir,
-                                     self._process_event)
+                                     self._process_event, self.run_env())
         for watch in self.progress.values():
             if watch.spec.process is not None:
                 self.supervisor.processes[watch.spec.process].add_line_listener(watch.feed)

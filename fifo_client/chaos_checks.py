@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .chaos_report import CheckResult
 from .chaos_scenario import CheckSpec, ProgressSpec
+from .transport import FORKS
 
 CHECK_RETRY_PAUSE = 0.5
 CHECK_OUTPUT_CHARS = 2000
@@ -47,10 +48,11 @@ async def run_shell_check(check: CheckSpec, cwd: Path, env: dict[str, str]) -> C
 
 async def _run_shell(command: str, timeout: float, cwd: Path,
                      env: dict[str, str]) -> tuple[int | None, str]:
-    process = await asyncio.create_subprocess_shell(
-        command, cwd=cwd, env={**os.environ, **env},
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+    async with FORKS.forking():  # no FIFO exchange in flight meanwhile (transport.py)
+        process = await asyncio.create_subprocess_shell(
+            command, cwd=cwd, env={**os.environ, **env},
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True)
     try:
         output, _ = await asyncio.wait_for(process.communicate(), timeout)
     except TimeoutError:

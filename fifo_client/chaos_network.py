@@ -87,8 +87,29 @@ class NetworkFaults:
         except asyncio.CancelledError:  # the run stopped: conn.allow() lifts it, uncounted
             count.unknown += 1
             raise
-        await self._send(window, window.lift_command, "disarmed", window.lift_command,
-                         fired=frames)
+        await self._lift(window, frames)
+
+    async def _lift(self, window: Window, frames: int | None) -> None:
+        """`faults.remove(...)`; a lift the proxy did not take is tried once more, then the
+        proxy is set back to conn.allow(): a fault must never stay armed past its window,
+        against the schedule (the run then ends with the error)."""
+        for _attempt in range(2):
+            try:
+                await self._call(window.proxy, self.clients[window.proxy].send,
+                                 window.lift_command)
+            except WirefaultError as exc:
+                problem = str(exc)
+                continue
+            self.reporter.step("disarmed", self.elapsed(), window.proxy, window.fault,
+                               window.lift_command, name=window.name, fired=frames)
+            return
+        try:
+            await self._call(window.proxy, self.clients[window.proxy].allow)
+            fallback = "the proxy was set back to conn.allow() (every fault on it removed)"
+        except WirefaultError as exc:
+            fallback = f"conn.allow() failed too: {exc}"
+        self._error(window, window.lift_command,
+                    f"could not lift the fault: {problem}; {fallback}")
 
     async def _call(self, proxy: str, function: Callable[..., T], *args: Any) -> T:
         """`function(*args)` in a thread, after this proxy's earlier exchanges. A cancelled

@@ -38,6 +38,7 @@ from .chaos_logs import LogRotator
 from .chaos_reaping import reap_leftovers, start_time, write_state
 from .chaos_scenario import Command, ProcessSpec
 from .errors import WirefaultError
+from .transport import FORKS
 
 READY_RETRY = 0.05
 """Seconds between readiness attempts (port connects, ready commands)."""
@@ -216,8 +217,11 @@ class ManagedProcess:
 
     def __init__(self, spec: ProcessSpec, log_path: Path,
                  on_event: Callable[[ProcessEvent], None],
-                 on_spawn: Callable[[ManagedProcess], None] | None = None) -> None:
+                 on_spawn: Callable[[ManagedProcess], None] | None = None,
+                 run_env: dict[str, str] | None = None) -> None:
         self.spec = spec
+        self.env = {**os.environ, **(run_env or {}), **spec.env}
+        """The runner's environment, the run's own variables, then the scenario's."""
         self.name = spec.name
         self.pid: int | None = None
         self.log_path = log_path
@@ -259,7 +263,7 @@ class ManagedProcess:
         try:
             popen = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
-                cwd=self.spec.cwd, env={**os.environ, **self.spec.env},
+                cwd=self.spec.cwd, env=self.env,
                 start_new_session=True)
         except OSError as exc:
             os.close(read_fd)
@@ -296,7 +300,8 @@ class ManagedProcess:
             return
         if restart:
             self.restarts += 1
-        run = self._spawn(self.spec.restart_command if restart else self.spec.command)
+        async with FORKS.forking():
+            run = self._spawn(self.spec.restart_command if restart else self.spec.command)
         if not restart:
             command = self.command
             self._emit("started", command if isinstance(command, str) else shlex.join(command))
@@ -348,10 +353,11 @@ class ManagedProcess:
 
     async def _ready_command(self, command: Command) -> None:
         while True:
-            probe = await asyncio.create_subprocess_exec(
-                *argv_of(command), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, cwd=self.spec.cwd,
-                env={**os.environ, **self.spec.env}, start_new_session=True)
+            async with FORKS.forking():
+                probe = await asyncio.create_subprocess_exec(
+                    *argv_of(command), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL, cwd=self.spec.cwd,
+                    env=self.env, start_new_session=True)
             try:
                 if await probe.wait() == 0:
                     return
@@ -459,12 +465,14 @@ class Supervisor:
     """The managed processes of one run, its watchdog and its processes.json."""
 
     def __init__(self, specs: dict[str, ProcessSpec], run_dir: Path,
-                 on_event: Callable[[ProcessEvent], None]) -> None:
+                 on_event: Callable[[ProcessEvent], None],
+                 run_env: dict[str, str] | None = None) -> None:
         self.run_dir = run_dir
         self._on_event = on_event
         self.processes: dict[str, ManagedProcess] = {
             name: ManagedProcess(spec, spec.log or run_dir / f"{name}.log", on_event,
-                                 on_spawn=lambda _process: self._write_state())
+                                 on_spawn=lambda _process: self._write_state(),
+                                 run_env=run_env)
             for name, spec in specs.items()}
         self.watchdog_pid: int | None = None
         self._watchdog: subprocess.Popen[bytes] | None = None
@@ -486,11 +494,12 @@ class Supervisor:
         # Popen, not an asyncio transport: closing a transport kills its child, and a
         # watchdog tending a paused world must outlive the runner's event loop.
         with (self.run_dir / "watchdog.log").open("ab") as errors:
-            self._watchdog = subprocess.Popen(
-                [sys.executable, "-m", "wirefault.fifo_client.chaos_watchdog",
-                 str(self.run_dir)],
-                stdin=theirs.fileno(), stdout=subprocess.DEVNULL, stderr=errors,
-                start_new_session=True)
+            async with FORKS.forking():
+                self._watchdog = subprocess.Popen(
+                    [sys.executable, "-m", "wirefault.fifo_client.chaos_watchdog",
+                     str(self.run_dir)],
+                    stdin=theirs.fileno(), stdout=subprocess.DEVNULL, stderr=errors,
+                    start_new_session=True)
         self._watchdog_exit = _exit_future(self._watchdog)
         # Only the runner may hold its end: if a child inherited it, the runner's death
         # would not read as end-of-file. (Python's fds are not inheritable by default.)

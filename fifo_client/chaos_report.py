@@ -169,8 +169,10 @@ class Reporter:
               **fields: Any) -> None:
         """A process or check event: `+   2.104s  crash      sink  (crash-sink, down 0.4s)`."""
         self.emit(event, t=round(moment, 3), **fields)
+        # One line per event, whatever a command or a check's output holds.
         suffix = f"  ({note})" if note else ""
-        self.line(f"+{moment:8.3f}s  {event:<10} {target}{suffix}")
+        line = f"+{moment:8.3f}s  {event:<10} {target}{suffix}"
+        self.line(line.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 def window_note(window: Window) -> str:

@@ -20,6 +20,7 @@ conversation at a time.
 from __future__ import annotations
 
 import array
+import asyncio
 import contextlib
 import errno
 import fcntl
@@ -29,7 +30,7 @@ import stat
 import termios
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 from .errors import ProxyUnavailable, WirefaultError
 
@@ -145,15 +146,76 @@ def thread_lock(lock: threading.Lock, fifo_path: str, deadline: Deadline) -> Ite
 # -- the exchange ---------------------------------------------------------------------------
 
 
+class ForkGuard:
+    """Keeps this process's FIFO exchanges and its forks apart.
+
+    The FIFO protocol reads meaning into how many ends are open: the proxy takes the end of
+    the command when every writer closed, and a client may write once the proxy reads. A
+    child forked while an exchange is in flight holds copies of the exchange's descriptors
+    until it execs (O_CLOEXEC or not), and that is enough to glue two commands together or
+    to make a reply look unread. So exchanges (any number at once, in any threads) wait
+    while a fork is under way, and a fork waits until no exchange is in flight; forks come
+    first, so a stream of exchanges cannot starve them. `wirefault chaos` spawns every
+    process under `forking()`."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._exchanges = 0
+        self._forks_waiting = 0
+        self._forking = False
+
+    @contextlib.contextmanager
+    def exchange(self) -> Iterator[None]:
+        with self._cond:
+            while self._forking or self._forks_waiting:
+                self._cond.wait()
+            self._exchanges += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exchanges -= 1
+                self._cond.notify_all()
+
+    def _begin_fork(self) -> None:
+        with self._cond:
+            self._forks_waiting += 1
+            try:
+                while self._exchanges or self._forking:
+                    self._cond.wait()
+            finally:
+                self._forks_waiting -= 1
+            self._forking = True
+
+    def _end_fork(self) -> None:
+        with self._cond:
+            self._forking = False
+            self._cond.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def forking(self) -> AsyncIterator[None]:
+        """Around a spawn on an event loop: waits (in a thread, so the loop goes on) for
+        the exchanges in flight, then holds new ones off until the block ends."""
+        await asyncio.to_thread(self._begin_fork)
+        try:
+            yield
+        finally:
+            self._end_fork()
+
+
+FORKS = ForkGuard()
+
+
 def exchange(fifo_path: str, command: bytes, deadline: Deadline) -> bytes:
     """Send `command`, return the proxy's whole reply (ProxyUnavailable at the deadline)."""
-    writer = _open_writer(fifo_path, deadline)
-    try:
-        _write_all(writer, command, fifo_path, deadline)
-        _wait_consumed(writer, fifo_path, deadline)
-    finally:
-        os.close(writer)
-    return _read_reply(fifo_path, deadline)
+    with FORKS.exchange():
+        writer = _open_writer(fifo_path, deadline)
+        try:
+            _write_all(writer, command, fifo_path, deadline)
+            _wait_consumed(writer, fifo_path, deadline)
+        finally:
+            os.close(writer)
+        return _read_reply(fifo_path, deadline)
 
 
 def _open_writer(path: str, deadline: Deadline) -> int:

@@ -96,3 +96,33 @@ def test_the_make_targets_named_in_the_readme_exist():
     makefile = (README.parent / "Makefile").read_text()
     for target in set(re.findall(r"`make (\w+)`", text)):
         assert re.search(rf"^{target}:", makefile, flags=re.M), target
+
+
+def chaos_scenarios() -> list[str]:
+    """The README's YAML blocks that are chaos scenarios (they have a seed)."""
+    return [b for b in blocks("yaml") if b.startswith("seed:") or "\nseed:" in b]
+
+
+def test_every_chaos_scenario_in_the_readme_is_valid(tmp_path):
+    from wirefault.fifo_client.chaos_scenario import load_scenario
+    from wirefault.fifo_client.chaos_schedule import build_schedule
+
+    scenarios = chaos_scenarios()
+    assert len(scenarios) >= 2
+    for index, text in enumerate(scenarios):
+        path = tmp_path / f"scenario{index}.yaml"
+        path.write_text(text)
+        build_schedule(load_scenario(path))  # raises with file:line:column when invalid
+
+
+def test_the_readme_crash_loop_is_the_file_and_passes(tmp_path):
+    """The processes example: the README shows tests/data/crash-loop.yaml as it is, and it
+    runs as the README says, every check passing."""
+    scenario = README.parent / "tests" / "data" / "crash-loop.yaml"
+    assert scenario.read_text() in chaos_scenarios()
+    result = subprocess.run([str(BIN / "wirefault"), "chaos", str(scenario), "--run-dir",
+                             str(tmp_path / "run")], capture_output=True, text=True,
+                            timeout=180, cwd=README.parent)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4/4 checks passed" in result.stdout and "verdict: pass (exit 0)" in result.stdout
+    assert "crashed by itself" not in result.stdout

@@ -24,17 +24,34 @@ Protocol choices (Wallaroo connector protocol v3, sink section; the worker is th
   TwoPCPhase2(commit=0) drops the txn and is confirmed with TwoPCReply(txn, 0).
 - Credits: each frame after Ok costs the worker one; after handling each read the sink
   sends Ack(credits = frames handled, acks = committed offsets).
-- Durability: committed offsets, the output length and recent committed txn ids go to
-  `<output>.state` (atomic replace) after each commit; on start the output is truncated to
-  the recorded length (0 without a state file), so a crash between writing data and
-  recording it cannot duplicate.
-  Prepared (uncommitted) transactions live in memory only: after a sink crash they are
-  simply gone, and the worker replays them.
+- A txn id already committed is a repeat only if its ranges end within what is committed;
+  the same id with new data (a worker that restarted and counts from 1 again) gets a no
+  vote rather than a "yes" that would commit nothing.
+- Durability (against the process being killed at any instruction, SIGKILL included):
+  * the output: Phase2 appends, flushes and fsyncs the data, and only then records it;
+  * `<output>.state` (atomic replace after each commit): committed offsets, stream names,
+    the output length and recent committed txn ids. On start the output is cut back to the
+    recorded length (0 without a state file), so bytes written by a commit that was never
+    recorded, nor confirmed, are dropped, and the worker sends them again;
+  * `<output>.2pc` (atomic replace before each yes vote and after each Phase2): the
+    prepared transactions with their data. A yes vote is a promise, so a restarted sink
+    still lists them in ReplyUncommitted and honours a Phase2 for them (this worker aborts
+    them; a txn that is both in the log and recorded as committed was committed).
+  A restarted sink therefore resumes from exactly what it confirmed, and the worker's
+  Notify learns that point.
+
+`--ack-before-write` is a deliberately broken mode for tests: a write-behind buffer that
+records and confirms a commit (TwoPCReply, Ack, the state file) before its data reaches the
+file, and writes that data only at the next commit (or a clean exit). At every moment after
+a commit there is confirmed data that exists only in memory, so a SIGKILL at any point of a
+running stream loses acknowledged data: the restarted sink claims offsets its file does not
+hold and appends the next data after a hole.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import sys
@@ -68,6 +85,8 @@ class SinkConfig:
     output: Path
     credits: int = 500
     cookie: str = ""
+    ack_before_write: bool = False
+    """The broken write-behind mode (see the module docstring)."""
 
 
 @dataclass
@@ -80,6 +99,9 @@ class SinkStats:
     skipped_bytes: int = 0
     uncommitted_listed: int = 0
     committed_bytes: int = 0
+    restored_prepared: int = 0
+    lost_on_start: int = 0
+    """Bytes the state file claims but the output lacks (only the broken mode loses any)."""
 
 
 @dataclass
@@ -94,11 +116,15 @@ class Sink:
         self.config = config
         self.stats = SinkStats()
         self.state_path = config.output.with_name(config.output.name + ".state")
+        self.log_path = config.output.with_name(config.output.name + ".2pc")
         self.committed: dict[int, int] = {}
         self.names: dict[int, str] = {}
         self.committed_txns: OrderedDict[str, None] = OrderedDict()
         self.prepared: dict[str, dict[int, list[Chunk]]] = {}
+        self.unwritten = b""
+        """The broken mode's confirmed data not yet in the file."""
         self.output = self._open_output()
+        self._restore_prepared()
 
     # -- durable state ---------------------------------------------------------------------
 
@@ -111,16 +137,39 @@ class Sink:
             self.committed_txns = OrderedDict.fromkeys(state["txns"])
             length = state["output_length"]
         output = open(self.config.output, "ab")  # noqa: SIM115 - open for the sink's lifetime
-        output.truncate(length)
+        size = os.fstat(output.fileno()).st_size
+        if size > length:
+            output.truncate(length)  # written by a commit that was never recorded
+        elif size < length:
+            # Never pad: zeros would look like data. Only --ack-before-write gets here.
+            self.stats.lost_on_start = length - size
+            log.warning("sink: the output lacks %d committed bytes (%d of %d): data lost",
+                        length - size, size, length)
         return output
 
     def _record_state(self) -> None:
+        size = os.fstat(self.output.fileno()).st_size + len(self.unwritten)
         state = {"committed": self.committed, "names": self.names,
-                 "txns": list(self.committed_txns),
-                 "output_length": os.fstat(self.output.fileno()).st_size}
-        temporary = self.state_path.with_name(self.state_path.name + ".tmp")
-        temporary.write_text(json.dumps(state))
-        os.replace(temporary, self.state_path)
+                 "txns": list(self.committed_txns), "output_length": size}
+        _replace(self.state_path, json.dumps(state))
+
+    def _restore_prepared(self) -> None:
+        if not self.log_path.exists():
+            return
+        for txn_id, streams in json.loads(self.log_path.read_text()).items():
+            if txn_id in self.committed_txns:
+                continue  # committed and recorded; the crash came before the log caught up
+            self.prepared[txn_id] = {
+                int(sid): [(offset, base64.b64decode(data)) for offset, data in chunks]
+                for sid, chunks in streams.items()}
+        self.stats.restored_prepared = len(self.prepared)
+
+    def _record_prepared(self) -> None:
+        log_entries = {txn_id: {sid: [(offset, base64.b64encode(payload).decode())
+                                      for offset, payload in chunks]
+                                for sid, chunks in streams.items()}
+                       for txn_id, streams in self.prepared.items()}
+        _replace(self.log_path, json.dumps(log_entries))
 
     # -- connections -----------------------------------------------------------------------
 
@@ -184,8 +233,15 @@ class Sink:
     # -- two-phase commit ------------------------------------------------------------------
 
     def _prepare(self, conn: _Connection, txn_id: str, ranges: list[dict[str, int]]) -> bool:
-        if txn_id in self.committed_txns or txn_id in self.prepared:
+        if txn_id in self.prepared:
             return True
+        if txn_id in self.committed_txns:
+            # A repeat, unless the ranges reach beyond what is committed: then the id was
+            # reused for new data, and a yes would confirm a commit that writes nothing.
+            repeat = all(where["end_por"] <= self.committed.get(where["stream_id"], 0)
+                         for where in ranges)
+            self.stats.votes_no += not repeat
+            return repeat
         taken: dict[int, list[Chunk]] = {}
         for where in ranges:
             chunks = self._take(conn, where["stream_id"], where["start_por"], where["end_por"])
@@ -194,6 +250,7 @@ class Sink:
                 return False
             taken[where["stream_id"]] = chunks
         self.prepared[txn_id] = taken
+        self._record_prepared()  # before the yes vote leaves
         return True
 
     def _take(self, conn: _Connection, sid: int, start: int, end: int) -> list[Chunk] | None:
@@ -214,7 +271,8 @@ class Sink:
 
     def _finish(self, txn_id: str, commit: bool) -> bool:
         if not commit:
-            self.prepared.pop(txn_id, None)
+            if self.prepared.pop(txn_id, None) is not None:
+                self._record_prepared()
             self.stats.aborts += 1
             return False
         if txn_id in self.committed_txns:
@@ -236,12 +294,18 @@ class Sink:
                 data += payload
                 position += len(payload)
             committed[sid] = position
-        self._append(bytes(data))
+        if self.config.ack_before_write:
+            # The bug on purpose: the previous commit's data goes out now, this one's later.
+            self._append(self.unwritten)
+            self.unwritten = bytes(data)
+        else:
+            self._append(bytes(data))
         self.committed = committed
         self.committed_txns[txn_id] = None
         while len(self.committed_txns) > REMEMBERED_TXNS:
             self.committed_txns.popitem(last=False)
         self._record_state()
+        self._record_prepared()
         self.stats.commits += 1
         self.stats.committed_bytes += len(data)
         return True
@@ -252,7 +316,16 @@ class Sink:
         os.fsync(self.output.fileno())
 
     def close(self) -> None:
+        self._append(self.unwritten)  # a clean exit loses nothing, even in the broken mode
+        self.unwritten = b""
         self.output.close()
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: a crash leaves the old version or the new one."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 async def run_sink(config: SinkConfig, stop: asyncio.Event) -> SinkStats:
@@ -273,9 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT for the worker")
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--credits", type=int, default=500)
+    parser.add_argument("--ack-before-write", action="store_true",
+                        help="BROKEN on purpose: confirm each commit before writing its data")
     args = parser.parse_args(argv)
     host, port = host_port(args.listen)
-    config = SinkConfig(host, port, args.output, args.credits)
+    config = SinkConfig(host, port, args.output, args.credits,
+                        ack_before_write=args.ack_before_write)
 
     async def body(stop: asyncio.Event) -> tuple[int, dict[str, Any]]:
         return 0, asdict(await run_sink(config, stop))

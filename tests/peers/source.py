@@ -20,8 +20,20 @@ Protocol choices (Wallaroo connector protocol v3, the source side):
   the same: close, wait a short backoff (20 ms doubling to 200 ms), reconnect and resume
   from the worker's NotifyAck.
 
-`--rate` holds until SIGUSR1, which lets the rest go as fast as credits allow: a chaos test
-streams slowly enough that the data outlasts its faults, then finishes without waiting.
+Killed and restarted at any moment, the source resumes where the sink's committed output
+ends: it keeps no record of its own (its first Notify says 0), and the worker's NotifyAck,
+which is what the sink committed, tells it where to start. Starting over from 0 would be
+harmless too, since the worker drops offsets below what it already forwarded and the sink
+skips what it committed, but it never needs to.
+
+`--rate` holds until SIGUSR1, or until the `--full-speed-file` exists (which a restarted
+source also sees), and then the rest goes as fast as credits allow: a chaos test streams
+slowly enough that the data outlasts its faults, then finishes without waiting.
+
+`--ack-log FILE` (`-` for stdout) gets one line per event a progress check can watch:
+`resume N` when a NotifyAck says where to start, `acked N` whenever acknowledgements move,
+`done N` once the whole file is acknowledged. `--keep-running` stays up after that (until
+SIGTERM), so a process supervisor does not take the finished source for a crashed one.
 """
 
 from __future__ import annotations
@@ -35,7 +47,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from peers.wire import (
     VERSION,
@@ -68,6 +80,9 @@ class SourceConfig:
     cookie: str = ""
     give_up_after: float | None = None
     """Seconds after which the source stops trying (None: never)."""
+    full_speed_file: Path | None = None
+    """Once this file exists, stop pacing (the restart-proof form of SIGUSR1)."""
+    ack_log: TextIO | None = None
 
 
 @dataclass
@@ -111,11 +126,13 @@ class Lines:
 class _Session:
     """One connection's streaming state, shared by its reader and writer."""
 
-    def __init__(self, stream: FrameStream, credits: int, stream_id: int, acked: int) -> None:
+    def __init__(self, stream: FrameStream, credits: int, stream_id: int, acked: int,
+                 on_ack: Callable[[int], None]) -> None:
         self.stream = stream
         self.credits = credits
         self.stream_id = stream_id
         self.acked = acked
+        self.on_ack = on_ack
         self.lost: str | None = None
         self.changed = asyncio.Event()
 
@@ -128,8 +145,10 @@ class _Session:
                 if frame.type == "Ack":
                     self.credits += frame.fields["credits"]
                     for ack in frame.fields["acks"]:
-                        if ack["stream_id"] == self.stream_id:
-                            self.acked = max(self.acked, ack["point_of_ref"])
+                        if ack["stream_id"] == self.stream_id and \
+                                ack["point_of_ref"] > self.acked:
+                            self.acked = ack["point_of_ref"]
+                            self.on_ack(self.acked)
                 elif frame.type == "Restart":
                     stats.restarts += 1
                     raise LinkLost("restart requested")
@@ -172,6 +191,7 @@ class Source:
                 try:
                     if await self._session_unless(stop, backoff):
                         self.stats.finished = True
+                        self._note("done", self.lines.size)
                         break
                 except LinkLost as exc:
                     log.info("source: link lost: %s", exc)
@@ -180,6 +200,11 @@ class Source:
         finally:
             self.stats.elapsed = round(time.monotonic() - started, 3)
         return self.stats
+
+    def _note(self, event: str, point_of_ref: int) -> None:
+        if self.config.ack_log:
+            self.config.ack_log.write(f"{event} {point_of_ref}\n")
+            self.config.ack_log.flush()
 
     def _gave_up(self, started: float) -> bool:
         limit = self.config.give_up_after
@@ -220,7 +245,7 @@ class Source:
             if start == self.lines.size:
                 return True
             session = _Session(stream, ok.fields["initial_credits"] - 1, config.stream_id,
-                               start)
+                               start, lambda acked: self._note("acked", acked))
             reader = asyncio.create_task(session.read_acks(self.stats))
             try:
                 await self._stream_lines(session, self.lines.index_of(start))
@@ -243,6 +268,7 @@ class Source:
         self.lines.index_of(start)  # must be a line boundary
         self.acked = start
         self.stats.resumed_from.append(start)
+        self._note("resume", start)
         return start
 
     def full_speed(self) -> None:
@@ -254,8 +280,14 @@ class Source:
         stream = session.stream
         loop = asyncio.get_running_loop()
         next_at = loop.time()
+        looked_at = 0.0
         for index in range(first, len(lines.lines)):
             await session.wait_until(lambda: session.credits > 0)
+            if self.config.rate > 0 and self.config.full_speed_file and \
+                    loop.time() - looked_at > 0.1:
+                looked_at = loop.time()
+                if self.config.full_speed_file.exists():
+                    self.full_speed()
             if self.config.rate > 0:
                 interval = 1.0 / self.config.rate
                 # No catch-up burst after a stall: pace from now at most 50 ms back.
@@ -290,20 +322,35 @@ def main(argv: list[str] | None = None) -> int:
                         help="lines per second until SIGUSR1 (0: no limit)")
     parser.add_argument("--instance-name", default="source-1")
     parser.add_argument("--give-up-after", type=float, default=None, metavar="SECONDS")
+    parser.add_argument("--full-speed-file", type=Path, metavar="FILE",
+                        help="stop pacing once FILE exists")
+    parser.add_argument("--ack-log", metavar="FILE",
+                        help="append resume/acked/done lines here ('-': stdout)")
+    parser.add_argument("--keep-running", action="store_true",
+                        help="stay up after the whole file is acknowledged, until SIGTERM")
     args = parser.parse_args(argv)
     if args.stream_id < 1:
         parser.error("--stream-id must be >= 1 (stream 0 carries the two-phase commit)")
     host, port = host_port(args.connect)
-    config = SourceConfig(host, port, args.file, args.stream_id, args.stream_name, args.rate,
-                          args.instance_name, give_up_after=args.give_up_after)
+    with contextlib.ExitStack() as closing:
+        ack_log = None
+        if args.ack_log == "-":
+            ack_log = sys.stdout
+        elif args.ack_log:
+            ack_log = closing.enter_context(open(args.ack_log, "a"))
+        config = SourceConfig(host, port, args.file, args.stream_id, args.stream_name,
+                              args.rate, args.instance_name, give_up_after=args.give_up_after,
+                              full_speed_file=args.full_speed_file, ack_log=ack_log)
 
-    async def body(stop: asyncio.Event) -> tuple[int, dict[str, Any]]:
-        source = Source(config)
-        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, source.full_speed)
-        stats = await source.run(stop)
-        return (0 if stats.finished else 1), asdict(stats)
+        async def body(stop: asyncio.Event) -> tuple[int, dict[str, Any]]:
+            source = Source(config)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, source.full_speed)
+            stats = await source.run(stop)
+            if args.keep_running and stats.finished:
+                await stop.wait()
+            return (0 if stats.finished else 1), asdict(stats)
 
-    return run_main(args, body)
+        return run_main(args, body)
 
 
 if __name__ == "__main__":

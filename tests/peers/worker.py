@@ -31,6 +31,11 @@ and the client towards its sink):
   forwarded but not committed is gone with the sink connection, so sources must resend
   from the committed point), reconnects to the sink with backoff and starts over.
 
+The worker keeps nothing on disk: killed and restarted, it learns every stream's committed
+point again from the sink (NotifyAck) and aborts whatever the sink still holds prepared.
+Its transaction ids carry a token drawn at start, so a restarted worker never reuses the id
+of a transaction the sink committed for its previous incarnation.
+
 Exactly-once in the sink's committed output follows: data reaches the output only through a
 committed Phase2, each range starts at the sink's committed offset (the sink skips what it
 already has), and sources replay from the committed offset after any failure.
@@ -41,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import secrets
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -142,6 +148,7 @@ class Worker:
         self.replies: asyncio.Queue[Frame] = asyncio.Queue()
         self.sink_lost: asyncio.Future[str] | None = None
         self.txn_numbers = itertools.count(1)
+        self.incarnation = secrets.token_hex(4)
         self.conn_numbers = itertools.count(1)
 
     async def run(self, stop: asyncio.Event) -> WorkerStats:
@@ -407,7 +414,7 @@ class Worker:
                   if state.announced and state.forwarded > state.committed]
         if not ranges:
             return
-        txn_id = f"{self.config.instance_name}-{next(self.txn_numbers)}"
+        txn_id = f"{self.config.instance_name}-{self.incarnation}-{next(self.txn_numbers)}"
         await self._send_to_sink("TwoPCPhase1", txn_id=txn_id, ranges=ranges)
         vote = await self._reply("TwoPCReply", txn_id)
         if not vote.fields["commit"]:
