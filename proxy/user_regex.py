@@ -99,9 +99,18 @@ class Re2Pattern:
 UserPattern = re.Pattern[str] | re.Pattern[bytes] | Re2Pattern
 
 
+_PLAIN_TEXT = re.compile(r"\^?[^.^$*+?{}\[\]\\|()]*")
+_PLAIN_BYTES = re.compile(rb"\^?[^.^$*+?{}\[\]\\|()]*")
+
+
 def compile_user_pattern(pattern: str | bytes) -> UserPattern:
     """Compile a user's pattern (a str for text fields, bytes for raw frames), or raise
     `re.error` (Python refuses it) / `UserRegexError` (it cannot run in linear time)."""
+    plain = _PLAIN_BYTES if isinstance(pattern, bytes) else _PLAIN_TEXT
+    if plain.fullmatch(pattern):  # type: ignore[arg-type]
+        # A literal, anchored or not (`^COMMIT`, a megabyte of text): `re` finds it in
+        # linear time, and there is nothing to refuse or translate.
+        return re.compile(pattern)
     with warnings.catch_warnings():  # a FutureWarning must not reach the proxy's log
         warnings.simplefilter("ignore")
         python = re.compile(pattern)
@@ -211,12 +220,15 @@ class _Translator:
         return not self.is_bytes and not flags & sre.SRE_FLAG_ASCII
 
     def sequence(self, items: sre_parse.SubPattern | list[Any], flags: int, tail: bool) -> str:
-        out = []
-        for index, (op, av) in enumerate(items):
-            # `$` is exact as `\n?\z` only if nothing that consumes text may follow it
-            rest_zero_width = all(later_op is sre.AT for later_op, _ in items[index + 1:])
-            out.append(self.node(op, av, flags, tail and rest_zero_width))
-        return "".join(out)
+        # `$` is exact as `\n?\z` only if nothing that consumes text may follow it: from the
+        # end, whether every later item is zero-width (one pass: a pattern may be 1 MB long).
+        items = list(items)
+        rest_zero_width = [True] * len(items)
+        for index in range(len(items) - 2, -1, -1):
+            rest_zero_width[index] = rest_zero_width[index + 1] and \
+                items[index + 1][0] is sre.AT
+        return "".join(self.node(op, av, flags, tail and rest_zero_width[index])
+                       for index, (op, av) in enumerate(items))
 
     def node(self, op: Any, av: Any, flags: int, tail: bool) -> str:
         if op is sre.LITERAL:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import socket
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from pgserver import free_port
-from proxy_helpers import BIN, read_line
+from proxy_helpers import BIN, read_line, stop_process
 
 from wirefault.fifo_client import FaultProxy
 from wirefault.proxy.proxy_registry import ProxyError, ProxyRegistry, ProxySpec
@@ -73,13 +72,7 @@ proxies:
         assert ready, process.stderr.read() if process.poll() is not None else "no ready line"
         yield Served(process, ready, ports, fifos, ready_file)
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process(process)
 
 
 def query(pg, port: int, sql: str):

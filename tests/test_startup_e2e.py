@@ -21,7 +21,7 @@ import psycopg
 import pytest
 from fifo_helpers import wait_until
 from pgserver import free_port
-from proxy_helpers import BIN, MITMDUMP_SCRIPT, running_proxy
+from proxy_helpers import BIN, MITMDUMP_SCRIPT, running_proxy, stop_process
 
 from wirefault.fifo_client import CommandError, FaultProxy
 from wirefault.fifo_client.transport import Deadline, exchange
@@ -51,13 +51,7 @@ def started(command: list[str]) -> Iterator[subprocess.Popen]:
     try:
         yield process
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process)
         for stream in (process.stdout, process.stderr):
             if stream:
                 stream.close()

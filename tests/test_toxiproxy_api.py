@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
 import socket
 import socketserver
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -278,31 +275,14 @@ def _upstream() -> Iterator[socketserver.ThreadingTCPServer]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A `wirefault serve` process (no proxies), its API, an upstream, a Toxiproxy client."""
-    from proxy_helpers import BIN, read_line
+    from proxy_helpers import running_serve
 
-    config = tmp_path_factory.mktemp("toxics") / "proxies.yaml"
-    config.write_text("proxies: []\n")
-    process = subprocess.Popen(
-        [str(BIN / "wirefault"), "serve", "--config", str(config), "--api", "127.0.0.1:0",
-         "--seed", str(SEED)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        ready = read_line(process.stdout).strip()
-        assert ready, process.stderr.read() if process.poll() is not None else "no ready"
-        words = dict(word.split("=", 1) for word in ready.split()[1:])
-        host, _, port = words["api"].rpartition(":")
+    with running_serve(None, "--seed", str(SEED)) as serve:
+        host, _, port = serve.words["api"].rpartition(":")
         client = toxiproxy.Toxiproxy()
         client.update_api_consumer(host, int(port))
         with _upstream() as upstream:
-            yield client, f"http://{words['api']}", upstream
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            yield client, serve.api, upstream
 
 
 def _proxy(served, name: str):
