@@ -202,6 +202,12 @@ class RunningServe:
     """The ready line, `ready NAME=HOST:PORT ... api=HOST:PORT`."""
     words: dict[str, str] = field(default_factory=dict)
     """The ready line's NAME=ADDRESS words."""
+    log_path: Path | None = None
+    """Its stderr (a file, not a pipe: a pipe nobody reads would stop it once full)."""
+
+    def log(self) -> str:
+        """What it wrote on stderr so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
 
     def port(self, name: str) -> int:
         return int(self.words[name].rpartition(":")[2])
@@ -218,12 +224,42 @@ def running_serve(config: Path | None, *args: str) -> Iterator[RunningServe]:
     argv = [str(BIN / "wirefault"), "serve", "--api", "127.0.0.1:0", *args]
     if config is not None:
         argv += ["--config", str(config)]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               stdin=subprocess.DEVNULL, start_new_session=True)
+    with tempfile.TemporaryDirectory(prefix="wirefault-serve-") as folder:
+        log_path = Path(folder) / "stderr.log"
+        with log_path.open("w") as log:
+            # stdout carries only the ready line.
+            process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            ready = read_line(process.stdout).strip()
+            assert ready, log_path.read_text() if process.poll() is not None else \
+                "no ready line"
+            words = dict(word.split("=", 1) for word in ready.split()[1:])
+            yield RunningServe(process, ready, words, log_path)
+        finally:
+            stop_process(process)
+            if process.stdout:
+                process.stdout.close()
+
+
+def proc_state(pid: int) -> str | None:
+    """The process's state letter in /proc/PID/stat (R, S, T...), None once it is gone."""
     try:
-        ready = read_line(process.stdout).strip()
-        assert ready, process.stderr.read() if process.poll() is not None else "no ready line"
-        words = dict(word.split("=", 1) for word in ready.split()[1:])
-        yield RunningServe(process, ready, words)
-    finally:
-        stop_process(process)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def gone(pid: int) -> bool:
+    """The process exited (a zombie counts: it runs no more)."""
+    return proc_state(pid) in (None, "Z", "X")
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    """Poll `predicate` until it is true; AssertionError naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)

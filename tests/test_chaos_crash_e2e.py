@@ -37,7 +37,8 @@ from typing import Any
 
 import pytest
 from pgserver import free_port
-from proxy_helpers import stop_process
+from proxy_helpers import gone, proc_state, stop_process
+from proxy_helpers import wait_for as wait_until
 from test_peers_restart import write_input
 
 from wirefault.fifo_client.chaos_reaping import kill_recorded
@@ -115,27 +116,6 @@ CRASH_THE_SINK_ONCE = """\
   - {name: crash-sink, process: sink, action: crash, start_after: 1.0, down: [0, 0.8]}"""
 """For the broken sink one crash is enough (it loses what it confirmed last, every time),
 and it leaves every peer up from then on, so the pause finds all three running."""
-
-
-def proc_state(pid: int) -> str | None:
-    """The state letter in /proc/PID/stat (R, S, T...), None once the process is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return stat.rsplit(")", 1)[1].split()[0]
-
-
-def gone(pid: int) -> bool:
-    return proc_state(pid) in (None, "Z", "X")
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @contextlib.contextmanager

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from proxy_helpers import gone, proc_state
+from proxy_helpers import wait_for as wait_until
 from test_chaos_runner import WIREFAULT, echoes_text, raw_echo_proxy, run_main, write
 
 from wirefault.fifo_client import chaos
@@ -57,27 +59,6 @@ with open("acks.txt", "a") as acks:
 while True:
     time.sleep(1)
 """
-
-
-def proc_state(pid: int) -> str | None:
-    """The process's state letter in /proc (R, S, T...), None once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return stat.rsplit(")", 1)[1].split()[0]
-
-
-def gone(pid: int) -> bool:
-    return proc_state(pid) in (None, "Z", "X")
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def run_dirs(tmp_path: Path) -> list[Path]:

@@ -52,7 +52,9 @@ def test_api_refuses_and_logs_bad_tokens_without_showing_any(tmp_path: Path) -> 
         assert _get(url, f"Basic {GUESS}") == 401
         assert _get(url, GUESS) == 401
         assert _get(url, f"Bearer {TOKEN}") == 200
-    output = serve.process.stdout.read() + serve.process.stderr.read()
+        serve.process.terminate()
+        serve.process.wait(20)
+        output = serve.process.stdout.read() + serve.log()
     assert TOKEN not in output and GUESS not in output and "3kq9Zr7Lm" not in output
     refusals = [line for line in output.splitlines() if "refused (401)" in line]
     assert len(refusals) == 4, output
