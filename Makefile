@@ -25,8 +25,10 @@ test: venv postgres
 demo: venv postgres
 	$(PY) scripts/demo.py
 
+# make bench TOXIPROXY=/path/to/toxiproxy-server adds the Toxiproxy targets
+# (scripts/build-toxiproxy.sh SOURCE_DIR OUTPUT_BINARY builds one from its source).
 bench: venv postgres
-	$(PY) tests/benchmarks/run.py
+	$(PY) tests/benchmarks/run.py $(if $(TOXIPROXY),--toxiproxy $(TOXIPROXY))
 
 reliability: venv postgres
 	$(PY) tests/reliability/run.py

@@ -171,7 +171,17 @@ def _add(
         encode=encode,
         doc=doc,
         payload_offset=5 if wire.kind == TYPED and _is_one_payload(wire.layout) else None,
+        sole_text=(_sole_text_name(wire.layout), wire.type_byte)  # type: ignore[arg-type]
+        if wire.kind == TYPED and _sole_text_name(wire.layout) else None,
     )
+
+
+def _sole_text_name(layout: Construct) -> str | None:
+    """The name of `layout`'s only field when it is NUL-terminated text (`Text`)."""
+    if not isinstance(layout, Struct) or len(layout.subcons) != 1:
+        return None
+    field = layout.subcons[0]
+    return field.name if isinstance(field, Renamed) and field.subcon is Text else None
 
 
 def _is_one_payload(layout: Construct) -> bool:

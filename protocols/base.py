@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -26,6 +27,10 @@ PROTOCOL_ERROR = "ProtocolError"
 """Type of the frame a framer yields when its input breaks the protocol."""
 OPAQUE = "Opaque"
 """Type of frames passed through without framing (encrypted streams, after a protocol error)."""
+
+
+_typed_header = struct.Struct(">BI").unpack_from
+"""A typed frame's type byte and length (`MessageSpec.sole_text`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +52,11 @@ class MessageSpec:
     """Set when the message is this many header bytes followed by its only field, a bytes
     payload to the end of the frame (PostgreSQL's CopyData): such a frame renders from the
     start of its payload and its size (`cut_payload`), without decoding or copying it."""
+    sole_text: tuple[str, int] | None = None
+    """(field name, type byte) when the message is a type byte, a big-endian 32-bit length
+    and its only field, NUL-terminated text (PostgreSQL's Query, CommandComplete):
+    `Frame.field_text` of a well-formed one slices it out of the frame without decoding the
+    frame (a regex filter on a Query's text runs per transaction)."""
 
 
 class Frame:
@@ -112,6 +122,18 @@ class Frame:
 
     def field_text(self, name: str) -> str | None:
         """The text form of one field, as regex filters see it; None when absent."""
+        if self._fields is None:
+            sole = self.spec.sole_text if self.spec is not None else None
+            if sole is not None and sole[0] == name:
+                # What decode() accepts without error: the header is right and the only NUL
+                # is the last byte; the text decoded as decode() and text_of() do. Anything
+                # else takes the full path (which reports the error).
+                data = self.data
+                end = len(data) - 1
+                if end >= 5 and data.find(0, 5) == end and \
+                        _typed_header(data) == (sole[1], end):
+                    text = data[5:end].decode("utf-8", "surrogateescape")
+                    return text if text.isascii() else _undecodable_escaped(text)
         fields = self.fields
         if name not in fields:
             return None

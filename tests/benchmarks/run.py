@@ -1,10 +1,12 @@
 """wirefault's side-by-side benchmark: the same workloads, directly and through each proxy.
 
     python tests/benchmarks/run.py [--quick] [--rounds N] [--only WORKLOAD,...]
-                                   [--targets TARGET,...] [--json PATH]
+                                   [--targets TARGET,...] [--toxiproxy PATH] [--json PATH]
 
 One throwaway PostgreSQL serves every target: the server itself (direct), plain mitmdump,
-wirefault with a rule that never fires, wirefault with allow(), and HAProxy when installed.
+wirefault with a rule that never fires, with allow(), with ten faults that never fire and
+with a delay(0) that fires on every Query, HAProxy when installed, and Toxiproxy (without
+and with a 0 ms latency toxic) when --toxiproxy gives its server binary.
 For each workload, rounds are interleaved (A B C A B C ...) so the machine's drift cancels;
 each measurement starts its target fresh, warms it up, measures, and stops it. The table
 gives medians over the rounds and, for each figure, the median ratio to direct within the
@@ -45,6 +47,8 @@ from targets import (  # noqa: E402
     haproxy_version,
     started,
     stop_all,
+    toxiproxy_build,
+    toxiproxy_version,
 )
 from workloads import FULL, QUICK, WORKLOADS, Bench, Sizes, Workload, prepare  # noqa: E402
 
@@ -72,11 +76,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run only these: " + ",".join(w.name for w in WORKLOADS))
     parser.add_argument("--targets", metavar="TARGET,...",
                         help="measure only these: " + ",".join(t.name for t in TARGETS))
+    parser.add_argument("--toxiproxy", metavar="PATH",
+                        help="Toxiproxy's server binary (toxiproxy-server): measure the "
+                             "toxiproxy targets (scripts/build-toxiproxy.sh builds one)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, metavar="PATH",
                         help="where to write the results (a .md table goes beside it)")
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.toxiproxy is not None:
+        if not (os.path.isfile(args.toxiproxy) and os.access(args.toxiproxy, os.X_OK)):
+            parser.error(f"--toxiproxy: not an executable file: {args.toxiproxy}")
+        args.toxiproxy = os.path.abspath(args.toxiproxy)
     return args
 
 
@@ -102,18 +113,23 @@ def _short(value: dict[str, float], workload: Workload) -> str:
     return f"{value.get(first.key, float('nan')):,.{first.digits}f} {first.unit}"
 
 
+def eligible_targets(workload: Workload, targets: list[Target]) -> list[Target]:
+    return [t for t in targets
+            if (not workload.proxies_only or t.kind in ("wirefault", "serve", "mitmdump"))
+            and (t.workloads is None or workload.name in t.workloads)]
+
+
 def measure_all(bench: Bench, workloads: list[Workload], targets: list[Target], rounds: int,
-                haproxy: str | None, samples: dict) -> None:
+                haproxy: str | None, samples: dict, toxiproxy: str | None = None) -> None:
     """Fill samples[workload][target][round] with each measurement's figures (or its error)."""
     for workload in workloads:
-        eligible = [t for t in targets if not workload.proxies_only or t.kind in
-                    ("wirefault", "serve", "mitmdump")]
+        eligible = eligible_targets(workload, targets)
         for round_number in range(1, rounds + 1):
             for target in eligible:
                 time.sleep(PAUSE_BETWEEN_MEASUREMENTS)
                 began = time.monotonic()
                 try:
-                    with started(target, bench.pg, haproxy) as listener:
+                    with started(target, bench.pg, haproxy, toxiproxy) as listener:
                         figures = workload.run(bench, listener)
                 except Exception as exc:  # one failed measurement must not lose the run
                     figures = {"error": f"{type(exc).__name__}: {exc}"}
@@ -174,6 +190,9 @@ def markdown_report(result: dict, table: str) -> str:
         "# wirefault benchmark results",
         "",
         *machine_lines(result["machine"], result["load"]),
+        *([f"- toxiproxy: {result['machine']['toxiproxy']}; "
+           f"{result['machine']['toxiproxy_build']}"] if "toxiproxy" in result["machine"]
+          else []),
         f"- run: {harness['rounds']} round(s){' (--quick)' if harness['quick'] else ''}, "
         f"pgbench {harness['sizes']['pgbench_seconds']} s per measurement, "
         f"COPY {harness['copy_mb']:.0f} MB, {harness['sizes']['connections']} connections, "
@@ -205,7 +224,10 @@ def run(args: argparse.Namespace) -> int:
         if haproxy is None:
             skipped["haproxy"] = haproxy_note
             targets = [t for t in targets if t.kind != "haproxy"]
-    samples = {w.name: {t.name: {} for t in targets} for w in workloads}
+    if any(t.kind == "toxiproxy" for t in targets) and args.toxiproxy is None:
+        skipped["toxiproxy"] = "toxiproxy not measured (no --toxiproxy PATH)"
+        targets = [t for t in targets if t.kind != "toxiproxy"]
+    samples = {w.name: {t.name: {} for t in eligible_targets(w, targets)} for w in workloads}
     monitor = ForeignLoadMonitor()
     interrupted = False
     began = time.monotonic()
@@ -213,6 +235,9 @@ def run(args: argparse.Namespace) -> int:
             running_server() as pg:
         machine = machine_info(pg.bin("postgres"),
                                haproxy_version(haproxy) if haproxy else haproxy_note)
+        if args.toxiproxy:
+            machine["toxiproxy"] = toxiproxy_version(args.toxiproxy)
+            machine["toxiproxy_build"] = toxiproxy_build(args.toxiproxy)
         bench = Bench(pg, sizes, workdir)
         print(f"preparing: pgbench tables, {sizes.copy_rows:,} COPY rows ...", flush=True)
         prepare(bench)
@@ -220,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
               flush=True)
         monitor.start()
         try:
-            measure_all(bench, workloads, targets, rounds, haproxy, samples)
+            measure_all(bench, workloads, targets, rounds, haproxy, samples, args.toxiproxy)
         except KeyboardInterrupt:
             interrupted = True
             print("\ninterrupted: stopping every process; partial results follow", flush=True)
@@ -234,8 +259,8 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "harness": {"rounds": rounds, "quick": args.quick, "sizes": vars(sizes),
                     "copy_mb": bench.copy_bytes / 1e6,
-                    "order": "per workload, rounds interleaved: direct, mitmdump, "
-                             "wirefault-armed, wirefault-allow, haproxy, then again"},
+                    "order": "per workload, rounds interleaved: "
+                             + ", ".join(t.name for t in targets) + ", then again"},
         "machine": machine,
         "load": monitor.summary(),
         "targets": [{"name": t.name, "description": t.description} for t in targets],

@@ -9,6 +9,7 @@ and `stop_all` ends whatever is still running when the harness exits or is inter
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,18 +28,40 @@ from proxy_helpers import wait_for_port
 VENV_BIN = Path(sys.executable).parent
 NEVER_FIRING_RULE = 'conn.onQuery(query="^NEVER").kill()'
 ALLOW_RULE = "conn.allow()"
+DELAY0_RULE = "conn.onQuery().delay(0)"
+TEN_NEVER_FIRING_FAULTS = (
+    'faults.add("f01").onQuery(query="^NEVER").kill()',
+    'faults.add("f02").onQuery(query="(?i)^COMMIT").error("40001")',
+    'faults.add("f03").onQuery(query="^INSERT INTO never").delay(100)',
+    'faults.add("f04").onParse(query="^NEVER").kill()',
+    'faults.add("f05").onExecute(query="^COMMIT").kill()',
+    'faults.add("f06").onCommandComplete(command="^NEVER").kill()',
+    'faults.add("f07").onErrorResponse().kill()',
+    'faults.add("f08").fromClient().contains(b"NEVER-IN-ANY-FRAME").reset()',
+    'faults.add("f09").where(application_name="^never$").onQuery().kill()',
+    'faults.add("f10").onCopyFail().kill()',
+)
+"""Ten faults that never fire on the benchmark's traffic, with different filters: Query text
+(three regexes), Parse and Execute (statement tracking on), a server message's field, two
+server or client types with no field, raw bytes of every client frame, a where()."""
 
 
 @dataclass(frozen=True)
 class Target:
     name: str
     kind: str
-    """direct, mitmdump, wirefault or haproxy."""
+    """direct, mitmdump, wirefault, serve, haproxy or toxiproxy."""
     rule: str | None = None
+    faults: tuple[str, ...] = ()
+    """wirefault: commands sent through its FIFO once it listens (after `rule`)."""
+    latency_toxic: bool = False
+    """toxiproxy: add a latency toxic of 0 ms (downstream, the API's default stream)."""
     description: str = ""
     protocol: str = "postgres"
     on_request: bool = False
     """Measured only when named in --targets (a diagnostic, not part of the standard run)."""
+    workloads: tuple[str, ...] | None = None
+    """Only these workloads measure this target (None: every workload)."""
 
     @property
     def has_proxy_process(self) -> bool:
@@ -59,8 +83,21 @@ TARGETS: tuple[Target, ...] = (
            description=f"wirefault serve, five proxies configured, the first used, with "
                        f"{NEVER_FIRING_RULE} (against wirefault-armed: the cost of many "
                        f"proxies in one process)"),
+    Target("wirefault-10faults", "wirefault", TEN_NEVER_FIRING_FAULTS[0],
+           faults=TEN_NEVER_FIRING_FAULTS[1:],
+           workloads=("pgbench-1", "pgbench-8", "copy-out", "copy-in"),
+           description="wirefault with 10 faults armed that never fire, different filters "
+                       "(against wirefault-armed: the cost of more faults)"),
+    Target("wirefault-delay0", "wirefault", DELAY0_RULE,
+           workloads=("pgbench-1", "pgbench-8", "copy-out", "copy-in"),
+           description=f"wirefault with {DELAY0_RULE}: a fault that fires on every "
+                       f"transaction"),
     Target("haproxy", "haproxy",
            description="HAProxy mode tcp, one thread (the relay reference)"),
+    Target("toxiproxy", "toxiproxy",
+           description="Toxiproxy's server (--toxiproxy PATH), one proxy, no toxic"),
+    Target("toxiproxy-latency0", "toxiproxy", latency_toxic=True,
+           description="Toxiproxy with a latency toxic of 0 ms (downstream)"),
 )
 
 SERVE_PROXIES = 5
@@ -106,12 +143,13 @@ def _log_tail(path: str, chars: int = 2000) -> str:
 
 
 @contextlib.contextmanager
-def _process(command: list[str], port: int, workdir: str) -> Iterator[subprocess.Popen]:
+def _process(command: list[str], port: int, workdir: str, env: dict[str, str] | None = None
+             ) -> Iterator[subprocess.Popen]:
     """Run `command` in its own session until it listens on `port`; stop it on exit."""
     log_path = os.path.join(workdir, "target.log")
     with open(log_path, "ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+                                   stdin=subprocess.DEVNULL, start_new_session=True, env=env)
     _running[process.pid] = process
     try:
         try:
@@ -147,9 +185,79 @@ def _serve_command(port: int, upstream: int, rule: str, workdir: str) -> list[st
     return [sys.executable, "-m", "wirefault.proxy.serve", "--config", config, "--api", "none"]
 
 
-def _wirefault_command(port: int, upstream: int, rule: str, protocol: str) -> list[str]:
-    return [sys.executable, "-m", "wirefault.proxy.runner", "--listen", f"127.0.0.1:{port}",
-            "--upstream", f"127.0.0.1:{upstream}", "--protocol", protocol, "--rule", rule]
+def _wirefault_command(port: int, upstream: int, rule: str, protocol: str,
+                       fifo: str | None = None) -> list[str]:
+    command = [sys.executable, "-m", "wirefault.proxy.runner", "--listen", f"127.0.0.1:{port}",
+               "--upstream", f"127.0.0.1:{upstream}", "--protocol", protocol, "--rule", rule]
+    return command + (["--fifo", fifo] if fifo else [])
+
+
+def _arm(fifo: str, commands_: tuple[str, ...], expected: int) -> None:
+    """Send `commands_` through the runner's FIFO and check that `expected` faults are in
+    force."""
+    from wirefault.fifo_client import FaultProxy
+
+    proxy = FaultProxy(fifo, timeout=10)
+    for command in commands_:
+        reply = proxy.send(command)
+        if reply:
+            raise RuntimeError(f"{command}: {reply}")
+    count = len(proxy.faults())
+    if count != expected:
+        raise RuntimeError(f"{count} faults in force, expected {expected}")
+
+
+def _check_never_fired(fifo: str) -> None:
+    """The faults armed through the FIFO are meant never to fire: a measurement in which
+    one did is not one of this target."""
+    from wirefault.fifo_client import FaultProxy
+
+    fired = [f"{f.name} fired {f.fired}x" for f in FaultProxy(fifo, timeout=10).faults()
+             if f.fired]
+    if fired:
+        raise RuntimeError(f"a fault meant never to fire fired: {', '.join(fired)}")
+
+
+# --- Toxiproxy ----------------------------------------------------------------------------
+
+TOXIPROXY_PROXY = "pg"
+
+
+def _toxiproxy_api(api_port: int, path: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{api_port}{path}", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"}, method="POST")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no $http_proxy
+    with opener.open(request, timeout=10) as response:
+        return json.loads(response.read() or b"{}")
+
+
+def configure_toxiproxy(api_port: int, port: int, upstream: int, latency_toxic: bool) -> None:
+    """Through Toxiproxy's HTTP API: a proxy from `port` to `upstream`, and with
+    `latency_toxic` a latency toxic of 0 ms (jitter 0) on its downstream."""
+    _toxiproxy_api(api_port, "/proxies", {
+        "name": TOXIPROXY_PROXY, "listen": f"127.0.0.1:{port}",
+        "upstream": f"127.0.0.1:{upstream}", "enabled": True})
+    if latency_toxic:
+        toxic = _toxiproxy_api(api_port, f"/proxies/{TOXIPROXY_PROXY}/toxics", {
+            "name": "latency0", "type": "latency", "stream": "downstream", "toxicity": 1.0,
+            "attributes": {"latency": 0, "jitter": 0}})
+        if toxic.get("attributes", {}).get("latency") != 0:
+            raise RuntimeError(f"toxiproxy refused the latency toxic: {toxic}")
+
+
+def toxiproxy_version(binary: str) -> str:
+    result = subprocess.run([binary, "-version"], capture_output=True, text=True)
+    return (result.stdout or result.stderr).strip().splitlines()[0] if (
+        result.stdout or result.stderr).strip() else "unknown"
+
+
+def toxiproxy_build(binary: str) -> str:
+    """How the binary was built: BINARY.build.txt, written by scripts/build-toxiproxy.sh."""
+    with contextlib.suppress(OSError), open(binary + ".build.txt") as f:
+        return f.read().strip()
+    return "build unknown (no " + os.path.basename(binary) + ".build.txt beside it; " \
+           "scripts/build-toxiproxy.sh writes one)"
 
 
 HAPROXY_CONFIG = """\
@@ -204,20 +312,32 @@ def haproxy_version(binary: str) -> str:
 
 
 @contextlib.contextmanager
-def started(target: Target, pg: PostgresServer, haproxy: str | None = None
-            ) -> Iterator[Listener]:
+def started(target: Target, pg: PostgresServer, haproxy: str | None = None,
+            toxiproxy: str | None = None) -> Iterator[Listener]:
     """`target` listening in front of `pg` until the block ends."""
     if target.kind == "direct":
         yield Listener(target, pg.port, None)
         return
     port = free_port()
     workdir = tempfile.mkdtemp(prefix=f"wirefault-bench-{target.name}-")
+    fifo = os.path.join(workdir, "wirefault.fifo") if target.faults else None
     try:
+        if target.kind == "toxiproxy":
+            if toxiproxy is None:
+                raise RuntimeError("no toxiproxy binary (--toxiproxy PATH)")
+            api_port = free_port()
+            command = [toxiproxy, "-host", "127.0.0.1", "-port", str(api_port)]
+            with _process(command, api_port, workdir,
+                          env=dict(os.environ, LOG_LEVEL="warn")) as process:
+                configure_toxiproxy(api_port, port, pg.port, target.latency_toxic)
+                wait_for_port(port, process, timeout=30.0)
+                yield Listener(target, port, process.pid)
+            return
         if target.kind == "mitmdump":
             command = _mitmdump_command(port, pg.port)
         elif target.kind == "wirefault":
             command = _wirefault_command(port, pg.port, target.rule or ALLOW_RULE,
-                                         target.protocol)
+                                         target.protocol, fifo)
         elif target.kind == "serve":
             command = _serve_command(port, pg.port, target.rule or ALLOW_RULE, workdir)
         elif target.kind == "haproxy":
@@ -230,7 +350,11 @@ def started(target: Target, pg: PostgresServer, haproxy: str | None = None
         else:
             raise ValueError(f"unknown target kind {target.kind}")
         with _process(command, port, workdir) as process:
+            if fifo:
+                _arm(fifo, target.faults, expected=1 + len(target.faults))
             yield Listener(target, port, process.pid)
+            if fifo:
+                _check_never_fired(fifo)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -88,11 +88,18 @@ _TRANSACTIONS = re.compile(r"number of transactions actually processed: (\d+)")
 _FAILED = re.compile(r"^number of failed transactions: (\d+)", re.M)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time `pid` has used so far."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds `pid` (all its threads) has used so far, from
+    /proc/PID/stat (utime, stime)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time `pid` has used so far."""
+    return sum(cpu_times(pid))
 
 
 def pgbench(bench: Bench, port: int, seconds: int, clients: int, threads: int,
@@ -101,7 +108,7 @@ def pgbench(bench: Bench, port: int, seconds: int, clients: int, threads: int,
     transaction (a steadier figure than tps on a busy or small machine)."""
     command = [bench.pg.bin("pgbench"), "-n", "-S", "-T", str(seconds), "-c", str(clients),
                "-j", str(threads)]
-    cpu_before = cpu_seconds(proxy_pid) if proxy_pid else 0.0
+    user_before, system_before = cpu_times(proxy_pid) if proxy_pid else (0.0, 0.0)
     result = subprocess.run(command, env=bench.env(port), capture_output=True, text=True,
                             timeout=seconds + 120)
     tps = _TPS.search(result.stdout)
@@ -114,8 +121,11 @@ def pgbench(bench: Bench, port: int, seconds: int, clients: int, threads: int,
                "latency_ms": float(latency.group(1)) if latency else float("nan"),
                "failed": float(failed.group(1)) if failed else 0.0}
     if proxy_pid:
-        cpu = cpu_seconds(proxy_pid) - cpu_before
-        figures["proxy_cpu_us"] = cpu / int(transactions.group(1)) * 1e6
+        user, system = cpu_times(proxy_pid)
+        per_transaction = 1e6 / int(transactions.group(1))
+        figures["proxy_user_us"] = (user - user_before) * per_transaction
+        figures["proxy_sys_us"] = (system - system_before) * per_transaction
+        figures["proxy_cpu_us"] = figures["proxy_user_us"] + figures["proxy_sys_us"]
     return figures
 
 
@@ -324,15 +334,19 @@ def _mib_metric(key: str, label: str) -> Metric:
     return Metric(key, label, "MiB", ratio=False, digits=1)
 
 
-_PROXY_CPU = Metric("proxy_cpu_us", "proxy CPU per transaction", "us", ratio=False, digits=1)
+_PROXY_CPU = (
+    Metric("proxy_cpu_us", "proxy CPU per transaction", "us", ratio=False, digits=1),
+    Metric("proxy_user_us", "proxy user CPU per transaction", "us", ratio=False, digits=1),
+    Metric("proxy_sys_us", "proxy system CPU per transaction", "us", ratio=False, digits=1),
+)
 
 WORKLOADS: tuple[Workload, ...] = (
     Workload("pgbench-1", pgbench_1, "pgbench -S -c 1 -j 1: one client, latency-bound",
              (Metric("tps", "tps", "tps"), Metric("latency_ms", "latency", "ms", digits=3),
-              _PROXY_CPU)),
+              *_PROXY_CPU)),
     Workload("pgbench-8", pgbench_8, "pgbench -S -c 8 -j 2: eight clients",
              (Metric("tps", "tps", "tps"), Metric("latency_ms", "latency", "ms", digits=3),
-              _PROXY_CPU)),
+              *_PROXY_CPU)),
     Workload("copy-out", copy_out, "COPY (SELECT ...) TO STDOUT, psql to /dev/null",
              (Metric("mb_per_s", "throughput", "MB/s", digits=1),)),
     Workload("copy-in", copy_in, "COPY bench_copy FROM STDIN from a prepared file",
