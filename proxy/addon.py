@@ -12,7 +12,9 @@ harness starts it), connections are relayed as raw TCP, not as the https mitmpro
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -24,23 +26,46 @@ from mitmproxy.proxy.layers.tcp import TCPLayer
 from wirefault import protocols
 
 from . import dsl, mitm_internals
-from .layer import WirefaultLayer
+from .layer import WirefaultLayer, upstream_failure_line
 from .proxy_registry import Proxy, ProxyError, ProxyRegistry, ProxySpec
 from .recorder import (
     DEFAULT_CLIENT_LABEL,
     DEFAULT_LIMIT,
     DEFAULT_MAX_BYTES,
     DEFAULT_SERVER_LABEL,
+    DumpSnapshot,
 )
 from .rules import DEFAULT_RULE
 from .runtime import DEFAULT_KILL_GRACE, DEFAULT_REPLY_TIMEOUT, ProxyRuntime
 
 if TYPE_CHECKING:
-    from .command_channel import CommandChannel
+    from .command_channel import CommandChannel, Reply
 
 logger = logging.getLogger("wirefault")
 
 DEFAULT_LABELS = f"{DEFAULT_CLIENT_LABEL},{DEFAULT_SERVER_LABEL}"
+SYNC_DUMP_FRAMES = 200
+"""A dump of up to this many frames is rendered at once (a few milliseconds at most); a
+larger one a slice at a time (`DumpSnapshot.render_in_slices`)."""
+
+
+def _dump_reply(snapshot: DumpSnapshot) -> str | asyncio.Future[str]:
+    """A dump's reply: its rows and a newline, nothing at all when there are none."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # no loop to give turns to (a caller outside the proxy)
+        running = False
+    else:
+        running = True
+    if snapshot.frames <= SYNC_DUMP_FRAMES or not running:
+        rows = snapshot.render()
+        return f"{rows}\n" if rows else ""
+
+    async def rendered() -> str:
+        rows = await snapshot.render_in_slices()
+        return f"{rows}\n" if rows else ""
+
+    return asyncio.ensure_future(rendered())
 
 
 class WirefaultAddon:
@@ -213,6 +238,7 @@ class WirefaultAddon:
         proxyserver = ctx.master.addons.get("proxyserver")
         ctx.options.update(mode=modes)
         await mitm_internals.listeners_updated(proxyserver)
+        mitm_internals.widen_listen_backlogs(proxyserver)  # the new listeners' too
         return mitm_internals.listener_states(proxyserver)
 
     def _seconds(self, option: str, positive: bool = False) -> float:
@@ -231,6 +257,12 @@ class WirefaultAddon:
 
     def running(self) -> None:
         self._running = True
+        # mitmproxy's listeners are up by now; a burst of connections must not find the
+        # accept queue full (mitm_internals.widen_listen_backlogs says why)
+        mitm_internals.widen_listen_backlogs(ctx.master.addons.get("proxyserver"))
+        import asyncio  # one line per 10 s about failing accepts, not a traceback for each
+
+        mitm_internals.rate_limit_accept_errors(asyncio.get_running_loop())
         if self.serving:
             self.registry.running = True
             for problem in self.registry.open_channels():
@@ -262,7 +294,7 @@ class WirefaultAddon:
         if ctx.options.fifo and not self.serving:
             self.channel = self._open_fifo(ctx.options.fifo, self.handle_command)
 
-    def _open_fifo(self, path: str, handle: Callable[[str], str]) -> CommandChannel:
+    def _open_fifo(self, path: str, handle: Callable[[str], Reply]) -> CommandChannel:
         from .command_channel import CommandChannel, parse_fifo_mode
 
         try:
@@ -290,6 +322,21 @@ class WirefaultAddon:
         if runtime is not None and not runtime.protocol.client_speaks_first:
             mitm_internals.set_connection_strategy(ctx.master.addons.get("proxyserver"),
                                                    client.id, "eager")
+
+    def server_connect_error(self, data) -> None:
+        """An upstream opened eagerly (mitmproxy's layer did it, before wirefault's) could
+        not be reached: one line, as wirefault's layer logs a lazily opened one."""
+        if mitm_internals.opens_upstream_eagerly(ctx.master.addons.get("proxyserver"),
+                                                 data.client.id):
+            line = upstream_failure_line(data.server.address, data.client.peername,
+                                         data.server.error, time.monotonic())
+            if line is not None:
+                logger.warning("%s", line)
+
+    def client_disconnected(self, client) -> None:
+        # mitmproxy may leave the socket of a connection whose upstream failed at once open
+        # (mitm_internals.close_client_left_open says when): a file descriptor per attempt.
+        mitm_internals.close_client_left_open(ctx.master.addons.get("proxyserver"), client.id)
 
     def next_layer(self, nextlayer: mitm_layer.NextLayer) -> None:
         # Whose connection this is: once per connection, by the listener that accepted it.
@@ -331,14 +378,16 @@ class WirefaultAddon:
                 f"tasks={len(asyncio.all_tasks())} fired={engine.fired_total} "
                 f"faults={len(engine.faults)}")
 
-    def handle_command(self, text: str) -> str:
+    def handle_command(self, text: str) -> str | asyncio.Future[str]:
         """The default proxy's reply to one command (its FIFO's handler)."""
         assert self.registry.default is not None
         return self.reply(self.registry.default, text)
 
-    def reply(self, proxy: Proxy, text: str) -> str:
+    def reply(self, proxy: Proxy, text: str) -> str | asyncio.Future[str]:
         """The full reply to one command for one proxy: "\n" on success, the error line,
-        or dump rows."""
+        or dump rows. A large dump's rows are rendered a slice at a time, so that rendering
+        never holds the event loop: its reply is a Future of the text (the recorder is
+        emptied at once all the same, so the dump shows what was recorded up to now)."""
         runtime = proxy.runtime
         try:
             parsed = runtime.engine.parse(text)
@@ -349,8 +398,7 @@ class WirefaultAddon:
             return f"{self._status(proxy)}\n" if parsed.name == "status" else "\n"
         if isinstance(parsed, dsl.RecorderCommand):
             if parsed.name == "dump":
-                rows = runtime.recorder.dump()
-                return f"{rows}\n" if rows else ""
+                return _dump_reply(runtime.recorder.snapshot())
             runtime.recorder.reset()
             return "\n"
         if isinstance(parsed, dsl.FaultCommand):

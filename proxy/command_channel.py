@@ -8,9 +8,12 @@ unchanged:
 3. the proxy opens the FIFO for writing and writes the reply, which the client reads until
    end-of-file; then the proxy goes back to step 1.
 
-The handler is synchronous and returns the complete reply, written verbatim: "\\n" on
-success, the error line plus "\\n" on failure, the recorder's COPY text rows for a dump (no
-bytes at all for an empty dump, so `COPY ... FROM` the FIFO yields zero rows). A writer that
+The handler returns the complete reply, written verbatim: "\\n" on success, the error line
+plus "\\n" on failure, the recorder's COPY text rows for a dump (no bytes at all for an
+empty dump, so `COPY ... FROM` the FIFO yields zero rows). It may instead return an
+awaitable of that text (a large dump is rendered a slice at a time, not to hold the loop):
+the channel reads no further command until the reply is written, so commands are still
+answered one at a time, in order. A writer that
 closes without writing anything gets no reply; a command that is not valid UTF-8 gets an
 error line naming the offset, without reaching the handler.
 
@@ -42,10 +45,11 @@ import argparse
 import asyncio
 import errno
 import grp
+import inspect
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from wirefault.fifo_client.transport import lock_path, readers_gone, unread_bytes
 
@@ -61,6 +65,9 @@ REOPEN_DELAY = 1.0
 DEFAULT_FIFO_MODE = 0o600
 
 _default_logger = logging.getLogger(__name__)
+
+Reply = str | Awaitable[str]
+"""What a handler returns: the reply's text, or an awaitable of it."""
 
 
 class ChannelError(Exception):
@@ -160,7 +167,7 @@ class CommandChannel:
     def __init__(
         self,
         path: str,
-        handler: Callable[[str], str],
+        handler: Callable[[str], Reply],
         reply_timeout: float = 10.0,
         logger: logging.Logger | None = None,
         mode: int = DEFAULT_FIFO_MODE,
@@ -189,6 +196,8 @@ class CommandChannel:
         self._retry: asyncio.TimerHandle | None = None
         self._retry_delay = FIRST_RETRY_DELAY
         self._reply_deadline: asyncio.TimerHandle | None = None
+        self._pending: asyncio.Future[str] | None = None
+        """A deferred reply being made (the handler returned an awaitable)."""
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -214,6 +223,9 @@ class CommandChannel:
         client lock file) if this channel created it. Idempotent."""
         self._closed = True
         self._cancel_timers()
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
         self._stop_reading()
         self._close_writer()
         self._remove_created_fifo()
@@ -433,18 +445,41 @@ class CommandChannel:
             self.logger.warning("rejected a command: %s", reply.strip())
             self._begin_reply(reply, "<not UTF-8>")
             return
-        self._begin_reply(self._run_handler(text), text)
-
-    def _run_handler(self, text: str) -> str:
         try:
             reply = self.handler(text)
         except Exception as exc:  # a handler bug must not stop the channel
-            self.logger.exception("command %r failed in the handler", text)
-            return f"internal error: {type(exc).__name__}: {_one_line(str(exc))}\n"
-        if not isinstance(reply, str):
+            reply = self._handler_failed(text, exc)
+        if isinstance(reply, str):
+            self._begin_reply(reply, text)
+        elif inspect.isawaitable(reply):
+            # Not reading meanwhile (the read end is closed): the next command waits.
+            pending = asyncio.ensure_future(reply, loop=self._loop_or_fail())
+            self._pending = pending
+            pending.add_done_callback(lambda done: self._deferred_reply(done, text))
+        else:
             self.logger.error("handler returned %r for %r, not a str", type(reply), text)
-            return f"internal error: handler returned {type(reply).__name__}\n"
-        return reply
+            self._begin_reply(f"internal error: handler returned {type(reply).__name__}\n",
+                              text)
+
+    def _deferred_reply(self, done: asyncio.Future[str], text: str) -> None:
+        if done is not self._pending:  # closed meanwhile (or restarted): nobody to answer
+            return
+        self._pending = None
+        if done.cancelled():
+            reply = "internal error: the reply was cancelled\n"
+        elif (exc := done.exception()) is not None:
+            reply = self._handler_failed(text, exc)
+        else:
+            reply = done.result()
+            if not isinstance(reply, str):
+                self.logger.error("handler returned %r for %r, not a str", type(reply), text)
+                reply = f"internal error: handler returned {type(reply).__name__}\n"
+        self._begin_reply(reply, text)
+
+    def _handler_failed(self, text: str, exc: BaseException) -> str:
+        self.logger.error("command %r failed in the handler", text,
+                          exc_info=(type(exc), exc, exc.__traceback__))
+        return f"internal error: {type(exc).__name__}: {_one_line(str(exc))}\n"
 
     def _stop_reading(self) -> None:
         fd, self._read_fd = self._read_fd, None
@@ -611,5 +646,5 @@ class CommandChannel:
         return f"<CommandChannel {self.path} {state}>"
 
 
-__all__ = ["DEFAULT_FIFO_MODE", "MAX_COMMAND_BYTES", "ChannelError", "CommandChannel",
+__all__ = ["DEFAULT_FIFO_MODE", "MAX_COMMAND_BYTES", "ChannelError", "CommandChannel", "Reply",
            "fifo_group_argument", "fifo_mode_argument", "parse_fifo_mode", "resolve_group"]

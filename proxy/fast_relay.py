@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 _OPEN = ConnectionState.OPEN
 _CAN_READ = ConnectionState.CAN_READ
 _CAN_WRITE = ConnectionState.CAN_WRITE
+_CLOSED = ConnectionState.CLOSED
 
 
 class _Side(asyncio.Protocol):
@@ -121,3 +122,9 @@ class FastRelay:
             connection.state &= ~_CAN_READ
         if was_readable:
             self.deliver(events.ConnectionClosed(connection))
+        if not lost and connection.state is _CLOSED and not self.io.closed(connection):
+            # Its writing ended before (a half-close passed on) and now its reading: CLOSED
+            # for the layer, which closes only what is not, so close the socket here (on
+            # mitmproxy's path its reader task does): else one descriptor per connection
+            # whose upstream closed first stayed open for good.
+            self.io.run(commands.CloseConnection(connection))

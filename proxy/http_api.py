@@ -29,12 +29,15 @@ and the error handling: their handlers subclass `ApiHandler`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
+import inspect
 import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import tornado.web
@@ -46,9 +49,23 @@ from .proxy_registry import PROXY_NAME, Proxy, ProxyError, ProxyRegistry, ProxyS
 if TYPE_CHECKING:
     import tornado.httpserver
 
+    from .command_channel import Reply
+
 logger = logging.getLogger("wirefault")
 
 MAX_POLL = 300.0
+MAX_BODY_BYTES = 8 * 1024 * 1024
+"""The largest request body taken: a command of MAX_COMMAND_BYTES (1 MiB) written as JSON
+with every character escaped fits; a larger one is answered 400 before it is read."""
+MAX_HEADER_BYTES = 64 * 1024
+BODY_TIMEOUT = 60.0
+"""Seconds a request's body may take to arrive."""
+IDLE_TIMEOUT = 60.0
+"""Seconds a connection may stay idle between requests, or take to send its headers
+(tornado uses it for both): a slow-loris client is closed then."""
+JSON_SLICE_ROWS = 1000
+"""A dump's rows are turned into JSON this many at a time, the loop getting its turn
+between slices."""
 _COMMAND_ERROR = re.compile(r"column (\d+): (.*)", re.S)
 
 
@@ -136,6 +153,8 @@ class ApiHandler(tornado.web.RequestHandler):
             return json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             self.fail(400, f"bad JSON body: {exc}")
+        except RecursionError:  # json's decoder recurses once per level of nesting
+            self.fail(400, "bad JSON body: nested too deeply")
 
     def json_object(self, allowed: tuple[str, ...]) -> dict[str, Any]:
         body = self.json_body()
@@ -189,9 +208,24 @@ class ApiHandler(tornado.web.RequestHandler):
     def command(self, proxy: Proxy, text: str, status: int = 400) -> str:
         """The addon's reply to one command for `proxy` (what its FIFO would answer); an
         error line becomes `fail(status, message, column)`."""
+        reply = self._reply_to()(proxy, text)
+        if not isinstance(reply, str):  # only a dump's reply is deferred (command_async)
+            raise TypeError(f"the reply to {text!r} is deferred; use command_async")
+        return self._checked(reply, status)
+
+    async def command_async(self, proxy: Proxy, text: str, status: int = 400) -> str:
+        """`command`, for a command whose reply may be deferred (a large dump)."""
+        reply = self._reply_to()(proxy, text)
+        if not isinstance(reply, str):
+            reply = await reply
+        return self._checked(reply, status)
+
+    def _reply_to(self) -> Callable[[Proxy, str], Reply]:
         reply_to = self.registry._reply
         assert reply_to is not None, "registry not bound"
-        reply = reply_to(proxy, text)
+        return reply_to
+
+    def _checked(self, reply: str, status: int) -> str:
         if reply and reply != "\n":
             error = _COMMAND_ERROR.fullmatch(reply.strip())
             if error and "\n" not in reply.strip():
@@ -437,12 +471,26 @@ class FaultHandler(ApiHandler):
 
 
 class RecorderHandler(ApiHandler):
-    def get(self, name: str) -> None:
+    async def get(self, name: str) -> None:
         from wirefault.fifo_client.client import parse_dump
 
-        rows = parse_dump(self.command(self.proxy(name), "recorder.dump()").rstrip("\n"))
-        self.write_json([{"conn": r.conn, "source": r.source, "message": r.message}
-                         for r in rows])
+        reply = await self.command_async(self.proxy(name), "recorder.dump()")
+        lines = reply.rstrip("\n").split("\n") if reply.rstrip("\n") else []
+        if len(lines) <= JSON_SLICE_ROWS:
+            rows = parse_dump("\n".join(lines))
+            self.write_json([{"conn": r.conn, "source": r.source, "message": r.message}
+                             for r in rows])
+            return
+        # A large dump is turned into JSON a slice of rows at a time, giving the loop its
+        # turn between slices (the same text as json.dumps of the whole list).
+        parts = []
+        for start in range(0, len(lines), JSON_SLICE_ROWS):
+            rows = parse_dump("\n".join(lines[start:start + JSON_SLICE_ROWS]))
+            parts.append(json.dumps([{"conn": r.conn, "source": r.source,
+                                      "message": r.message} for r in rows])[1:-1])
+            await asyncio.sleep(0)
+        self.set_header("Content-Type", "application/json")
+        self.finish("[" + ", ".join(parts) + "]\n")
 
     def delete(self, name: str) -> None:
         self.command(self.proxy(name), "recorder.reset()")
@@ -456,7 +504,7 @@ class CommandsHandler(ApiHandler):
     a client parses one reply whichever transport carried it. 400 only for a body that is
     no `{"command": "..."}`, 404 for an unknown proxy."""
 
-    def post(self, name: str) -> None:
+    async def post(self, name: str) -> None:
         from .command_channel import MAX_COMMAND_BYTES, _one_line
 
         proxy = self.proxy(name)
@@ -469,10 +517,10 @@ class CommandsHandler(ApiHandler):
             reply = f"command longer than {MAX_COMMAND_BYTES} bytes\n"
         else:
             text = command.strip()
-            reply_to = self.registry._reply
-            assert reply_to is not None, "registry not bound"
             try:
-                reply = reply_to(proxy, text)
+                reply = self._reply_to()(proxy, text)
+                if not isinstance(reply, str) and inspect.isawaitable(reply):
+                    reply = await reply  # a large dump, rendered a slice at a time
             except Exception as exc:  # as CommandChannel._run_handler words it
                 logger.exception("wirefault: proxy %s: command %r failed", name, text)
                 reply = f"internal error: {type(exc).__name__}: {_one_line(str(exc))}\n"
@@ -611,7 +659,12 @@ class ApiServer:
 
         sockets = tornado.netutil.bind_sockets(
             self.port, self.host, family=socket.AF_UNSPEC if self.host else socket.AF_INET)
-        self.server = tornado.httpserver.HTTPServer(self.app)
+        # tornado's defaults let one client hold the server: a body up to 100 MiB buffered
+        # per request, and no time limit on a body that never comes or a header sent a byte
+        # at a time (an hour's idle timeout); these bound what a request may cost
+        self.server = tornado.httpserver.HTTPServer(
+            self.app, max_body_size=MAX_BODY_BYTES, max_header_size=MAX_HEADER_BYTES,
+            body_timeout=BODY_TIMEOUT, idle_connection_timeout=IDLE_TIMEOUT)
         self.server.add_sockets(sockets)
         host, port = sockets[0].getsockname()[:2]
         self.address = (host, port)

@@ -21,6 +21,7 @@ hooks) go to mitmproxy as usual.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from mitmproxy import tcp
@@ -129,10 +130,10 @@ class WirefaultLayer(layer.Layer):
         if self.context.server.timestamp_start is None:
             err = yield commands.OpenConnection(self.context.server)
             if err:
-                address = self.context.server.address
-                yield commands.Log(
-                    f"wirefault: cannot connect to upstream {_address(address)} for client "
-                    f"{_address(self.context.client.peername)}: {err}", logging.WARNING)
+                line = upstream_failure_line(self.context.server.address,
+                                             self.context.client.peername, err, time.monotonic())
+                if line is not None:
+                    yield commands.Log(line, logging.WARNING)
                 if self.flow:
                     self.flow.error = tcp.flow.Error(str(err))  # type: ignore[attr-defined]
                 yield commands.CloseConnection(self.context.client)
@@ -652,3 +653,27 @@ class WirefaultLayer(layer.Layer):
 
 def _address(address: tuple | None) -> str:
     return f"{address[0]}:{address[1]}" if address else "?"
+
+
+OUT_OF_FDS_EVERY = 10.0
+"""Seconds between two lines about upstreams not opened for want of file descriptors."""
+_out_of_fds = {"next": 0.0, "missed": 0}
+
+
+def upstream_failure_line(address: tuple | None, client: tuple | None, err: object,
+                          now: float) -> str | None:
+    """The line that says an upstream could not be opened (the layer's lazy opening and the
+    addon's eager one say it alike); None when it is not to be logged. One line per
+    connection, except for the process being out of file descriptors (a burst past
+    `ulimit -n` fails every attempt alike): then one line per OUT_OF_FDS_EVERY seconds."""
+    line = (f"wirefault: cannot connect to upstream {_address(address)} for client "
+            f"{_address(client)}: {err}")
+    if "Too many open files" not in str(err):
+        return line
+    if now < _out_of_fds["next"]:
+        _out_of_fds["missed"] += 1
+        return None
+    missed = _out_of_fds["missed"]
+    _out_of_fds.update(next=now + OUT_OF_FDS_EVERY, missed=0)
+    return line + (f" ({missed} more since the last line)" if missed else "") + \
+        f" (this line comes at most every {OUT_OF_FDS_EVERY:g} s)"

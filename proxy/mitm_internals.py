@@ -11,8 +11,13 @@ changes them fails loudly.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any
+
+LISTEN_BACKLOG = 4096
+"""The listen backlog wirefault's listeners get (the kernel caps it at net.core.somaxconn),
+as PostgreSQL's own (2 x max_connections) and Go's (somaxconn), which Toxiproxy gets."""
 
 
 def check_compatible() -> None:
@@ -41,6 +46,10 @@ def check_compatible() -> None:
 
     if "last_exception" not in ServerInstance.__annotations__:
         problems.append("ServerInstance.last_exception is gone")
+    from mitmproxy.proxy.mode_servers import AsyncioServerInstance
+
+    if "_servers" not in AsyncioServerInstance.__annotations__:
+        problems.append("AsyncioServerInstance._servers is gone")
     if "_update_task" not in Proxyserver.__dict__ and \
             "_update_task" not in Proxyserver.__annotations__:
         problems.append("Proxyserver._update_task is gone")
@@ -86,6 +95,28 @@ def _stop_flow_control(reader: Any) -> None:
         reader._paused = False
 
 
+def widen_listen_backlogs(proxyserver: Any, backlog: int = LISTEN_BACKLOG) -> int:
+    """Give every running TCP listener a backlog of `backlog`; how many it widened.
+
+    mitmproxy listens with asyncio.start_server's default backlog, 100: a burst of more
+    connections than that (a pool opening, a test suite starting its workers) overflows the
+    accept queue, and the kernel drops the extra SYNs, which the clients resend 1 s, 3 s,
+    7 s later: connecting through the proxy takes seconds where it took milliseconds
+    directly. On Linux, listen() again on a listening socket just sets its backlog."""
+    widened = 0
+    for instance in proxyserver.servers:
+        for server in getattr(instance, "_servers", ()):
+            for listener in getattr(server, "sockets", None) or ():
+                if listener.type != socket.SOCK_STREAM:
+                    continue
+                # a duplicate of the descriptor: the same socket, closed here on its own
+                with socket.socket(listener.family, listener.type,
+                                   fileno=socket.dup(listener.fileno())) as same:
+                    same.listen(backlog)
+                widened += 1
+    return widened
+
+
 def listen_failures(proxyserver: Any) -> list[tuple[str, OSError | Exception]]:
     """The listeners that failed to start: (mode description, the exception)."""
     return [(instance.mode.description, instance.last_exception)
@@ -96,6 +127,33 @@ def listen_failures(proxyserver: Any) -> list[tuple[str, OSError | Exception]]:
 def handler_count(proxyserver: Any) -> int:
     """mitmproxy's live connection handlers (one per client connection)."""
     return len(proxyserver.connections)
+
+
+def close_client_left_open(proxyserver: Any, client_id: str) -> bool:
+    """At the `client_disconnected` hook, close the client's socket if mitmproxy left it
+    open; True when it did.
+
+    mitmproxy closes a client's socket at the end of its reader task. When the upstream
+    fails at once (socket() failing with EMFILE under an eager connection strategy), the
+    failure cancels that task before it ever ran, so the socket stayed open forever: one
+    file descriptor lost per such connection, until the proxy could accept nothing."""
+    handler = proxyserver.connections.get(client_id)
+    io = handler.transports.get(handler.client) if handler is not None else None
+    transport = getattr(getattr(io, "writer", None), "transport", None)
+    if transport is None or transport.is_closing():
+        return False
+    transport.close()
+    return True
+
+
+def opens_upstream_eagerly(proxyserver: Any, client_id: str) -> bool:
+    """True when mitmproxy's reverse proxy layer opens this connection's upstream itself,
+    as the client connects (connection strategy `eager`), before wirefault's layer runs;
+    lazily, wirefault's layer opens it (and says so when it cannot)."""
+    handler = proxyserver.connections.get(client_id)
+    if handler is None:
+        return False
+    return getattr(handler.layer.context.options, "connection_strategy", None) == "eager"
 
 
 def deliver_event(proxyserver: Any, client_id: str, event: Any) -> bool:
@@ -116,6 +174,41 @@ def deliver_event(proxyserver: Any, client_id: str, event: Any) -> bool:
 
 
 _deliveries: set[Any] = set()
+
+ACCEPT_ERROR_EVERY = 10.0
+"""Seconds between two log lines about failing accepts (the ones between are counted)."""
+
+
+def rate_limit_accept_errors(loop: Any, every: float = ACCEPT_ERROR_EVERY) -> None:
+    """Log a failing accept (EMFILE: out of file descriptors) in one line, then at most one
+    line per `every` seconds with how many more failed, in place of mitmproxy's traceback
+    for each: asyncio's accept loop reports every failed accept() of a burst (up to 100 per
+    wake-up, about 10,000 lines for 1,000 connections past `ulimit -n`). Call it once
+    mitmproxy's master runs (its exception handler is installed then)."""
+    import logging
+
+    logger = logging.getLogger("wirefault")
+    previous = loop.get_exception_handler()
+    state = {"next": 0.0, "missed": 0}
+
+    def handle(loop: Any, context: dict) -> None:
+        if context.get("message") != "socket.accept() out of system resource":
+            if previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        now = loop.time()
+        if now < state["next"]:
+            state["missed"] += 1
+            return
+        more = f" ({state['missed']} more since the last line)" if state["missed"] else ""
+        logger.warning("wirefault: cannot accept connections: %s%s; they wait in the listen "
+                       "queue (this line comes at most every %g s)", context.get("exception"),
+                       more, every)
+        state["next"], state["missed"] = now + every, 0
+
+    loop.set_exception_handler(handle)
 
 
 def is_raw_tcp_reverse_start(nextlayer: Any, bare_is_tcp: bool) -> bool:

@@ -17,6 +17,8 @@ The ring is bounded twice: by frames (`limit`) and by an estimate of the bytes i
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -56,6 +58,11 @@ bytes, see `_add_run`), holds: a chunk of `_chunk_frames` of them stays within
 _PAYLOAD = itemgetter(3)
 _MARK = "\0mark"
 """The key of a row that marks the frame row before it: a fault acted on that frame."""
+SLICE_SECONDS = 0.002
+"""`render_in_slices` gives the event loop its turn this often: other connections wait at
+most about this long for a dump being rendered."""
+SLICE_CHECK = 32
+"""Lines rendered between two looks at the clock."""
 SKIPPED_TYPES = frozenset({"Terminate"})
 """Left out: they arrive at unpredictable times and make dumps flaky."""
 
@@ -290,17 +297,65 @@ class Recorder:
 
     def dump(self) -> str:
         """COPY text rows `conn<TAB>source<TAB>message` since the last dump or reset, cleared."""
-        lines = []
+        return self.snapshot().render()
+
+    def snapshot(self) -> DumpSnapshot:
+        """What `dump` shows, taken now and cleared from the recorder; rendered later.
+
+        Costs a reference per chunk: rows are never changed once added and `_clear` starts
+        new chunks, so the snapshot's rows stay as they are while the recorder goes on."""
         dropped = self._count - len(self)
+        header = None
         if dropped:
             bound = f"{self.limit} frames or {self._max_bytes} bytes" if self._bytes_dropped \
                 else str(self.limit)
-            lines.append(f"-1\trecorder\t{dropped} frames dropped (ring buffer limit {bound})")
-        for number, from_client, message in self._messages():
-            source = self.client_label if from_client else self.server_label
-            lines.append(f"{number}\t{source}\t{copy_escape(message)}")
+            header = f"-1\trecorder\t{dropped} frames dropped (ring buffer limit {bound})"
+        snapshot = DumpSnapshot(
+            header, [*(chunk for chunk, _ in self._chunks), self._rows],
+            self._held + self._rows_frames - self.limit, len(self), self.messages,
+            self.client_label, self.server_label)
         self._clear()
+        return snapshot
+
+
+@dataclass(slots=True)
+class DumpSnapshot:
+    """The rows of one dump, rendered by `render` (at once) or `render_in_slices` (a slice
+    at a time, so a large dump never holds the event loop for long)."""
+
+    header: str | None
+    """The line counting dropped frames, if any were."""
+    chunks: list[list[Row]]
+    skip: int
+    """Frames past the limit, oldest first, not shown."""
+    frames: int
+    """Frames shown."""
+    messages: Mapping[str, MessageSpec]
+    client_label: str
+    server_label: str
+
+    def render(self) -> str:
+        return "\n".join(self.lines())
+
+    async def render_in_slices(self, slice_seconds: float = SLICE_SECONDS) -> str:
+        """`render()`'s text, giving the event loop its turn every `slice_seconds`."""
+        lines: list[str] = []
+        clock = time.perf_counter
+        deadline = clock() + slice_seconds
+        for line in self.lines():
+            lines.append(line)
+            if len(lines) % SLICE_CHECK == 0 and clock() >= deadline:
+                await asyncio.sleep(0)
+                deadline = clock() + slice_seconds
         return "\n".join(lines)
+
+    def lines(self) -> Iterator[str]:
+        if self.header is not None:
+            yield self.header
+        client_label, server_label = self.client_label, self.server_label
+        for number, from_client, message in self._messages():
+            source = client_label if from_client else server_label
+            yield f"{number}\t{source}\t{copy_escape(message)}"
 
     def _messages(self) -> Iterator[tuple[int, bool, str]]:
         """The newest `limit` frames, rendered, oldest first, each with its marks."""
@@ -317,9 +372,9 @@ class Recorder:
             yield previous
 
     def _rendered(self) -> Iterator[tuple[int, bool, str, bool]]:
-        skip = self._held + self._rows_frames - self.limit  # frames past the limit
+        skip = self.skip
         marked_frame_shown = False
-        for rows in [*(chunk for chunk, _ in self._chunks), self._rows]:
+        for rows in self.chunks:
             for number, from_client, key, payload in rows:
                 if key is _MARK:
                     if marked_frame_shown:

@@ -197,6 +197,10 @@ class RelayIO:
             self._release(connection)
         self._check_finished()
 
+    def closed(self, connection: Connection) -> bool:
+        """True once this side was closed here (or its socket lost): nothing left to do."""
+        return connection in self._released
+
     def lost(self, connection: Connection) -> None:
         """The socket of `connection` is gone (its transport told us)."""
         connection.state = _CLOSED

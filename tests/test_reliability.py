@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "reliability"))
+_TESTS = Path(__file__).resolve().parent
+sys.path[:0] = [str(_TESTS / "reliability"), str(_TESTS / "benchmarks")]
 
-from campaign import QUICK, load_parts
+from campaign import QUICK, load_parts  # noqa: E402
 
 PARTS = load_parts()
 
