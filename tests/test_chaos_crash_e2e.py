@@ -75,6 +75,9 @@ processes:
               --file, input.txt, --rate, "{rate}", --full-speed-file, full-speed,
               --ack-log, "-", --keep-running]
     env: {{PYTHONPATH: "{tests}"}}
+# One fault per link must fire at each arming (must_fire holds the scenario clock until it
+# did): on a busy machine, with every peer crashing, a half-second window may otherwise see
+# no traffic at all, and the run would prove nothing about the links.
 proxies:
   source_link: {{api: "{api}/proxies/source_link", protocol: wallaroo}}
   sink_link: {{api: "{api}/proxies/sink_link", protocol: wallaroo}}
@@ -83,9 +86,9 @@ faults:
   - {{name: message-reset, proxy: source_link, command: conn.onMessage().after(25).reset(),
      start_after: 1.3, every: [2.5, 4], armed: 0.5}}
   - {{name: ack-kill, proxy: source_link, command: conn.onAck().kill(),
-     start_after: 2.0, every: [3, 5], armed: 0.5}}
+     start_after: 2.0, every: [3, 5], armed: 0.5, must_fire: 20}}
   - {{name: phase1-kill, proxy: sink_link, command: conn.onTwoPCPhase1().kill(),
-     start_after: 1.5, every: [2.5, 4], armed: 0.5}}
+     start_after: 1.5, every: [2.5, 4], armed: 0.5, must_fire: 20}}
   - {{name: data-kill, proxy: sink_link,
      command: 'conn.onMessage(stream_id="^1$").after(20).kill()',
      start_after: 2.7, every: [3, 5], armed: 0.5}}
