@@ -10,9 +10,10 @@ error line, as documented); bytes that are no HTTP, and a header over the server
 (tornado closes the connection without an answer), may instead get the connection closed
 (counted apart); bytes without an end of header (TLS-like) are no request yet: the server
 holds them until its idle timeout, then closes (counted as held; FULL waits for the close);
-the well-behaved client's median latency stays within 2x of its median alone (measured in
-pauses between bursts of the flood, the lorises still trickling; plus
-0.5 ms of scheduling noise), none of its requests fails or times out.
+the well-behaved client's median latency stays within 2x of its median alone in FULL
+(measured in pauses between bursts of the flood, the lorises still trickling; plus 0.5 ms
+of scheduling noise), within 10x or alone + 50 ms in QUICK, robust to a busy CI machine
+(latency_rule.py); none of its requests fails, times out or takes over 5 s.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from campaign import FULL, Row, Size, part
+from latency_rule import latency_problems
 
 from wirefault.proxy.http_api import IDLE_TIMEOUT
 
@@ -272,9 +274,9 @@ def run(size: Size, work: Path) -> list[Row]:
         lost.append("wirefault serve exited")
     p50_alone = statistics.median(alone or [99.0])
     p50_during = statistics.median(during or [99.0])
-    if p50_during > 2 * p50_alone + 0.0005:
-        lost.append(f"the well-behaved client's median went {p50_during / p50_alone:.1f}x")
     worst = max(during or [99.0])
+    # FULL: the issue's 2x; QUICK: no stall, median within 10x or + 50 ms (latency_rule)
+    lost += latency_problems(size, p50_alone, p50_during, worst, "the well-behaved client")
     shown = "; ".join(f"{k}: " + ", ".join(f"{n} {c}" for c, n in sorted(v.items()))
                       for k, v in sorted(codes.items()))
     return [Row("hostile input", "malformed HTTP requests to the API (bad JSON, wrong types, "

@@ -50,6 +50,8 @@ CONNECTIONS = 50
 COMMAND_CLIENTS = 4
 COMMAND_EVERY = 0.1
 DUMP_EVERY = 1.0
+DUMP_GAP = 0.1
+"""Seconds the dumper leaves the FIFO to the command clients after a dump that ran late."""
 SECONDS_VARIABLE = "WIREFAULT_SOAK_SECONDS"
 """Environment override of the soak's length in seconds (e.g. 120 to try FULL briefly)."""
 FITTED_GROWTH_BOUND_KIB = 8 * 1024
@@ -283,9 +285,14 @@ def dumper(fifo: str, commands: Commands, stop: threading.Event) -> None:
     proxy = FaultProxy(fifo, timeout=STALL)
     next_at = time.monotonic() + DUMP_EVERY
     while not stop.wait(max(0.0, next_at - time.monotonic())):
-        next_at += DUMP_EVERY  # on a schedule: a slow dump is followed at once by the next
+        # On a schedule, but a slow dump is followed by the next only DUMP_GAP later: on a
+        # busy machine a dump takes seconds (QUICK saw 20 in 60 s), and back to back they
+        # held the FIFO's lock all along, so a command client polling for it (20 ms apart
+        # at most) found it free only by luck and gave up after STALL seconds.
+        next_at += DUMP_EVERY
         # the reply's rows counted, not parsed: this process's 50 threads share one GIL
         text = _call(commands, functools.partial(proxy.send, "recorder.dump()"))
+        next_at = max(next_at, time.monotonic() + DUMP_GAP)
         if text is not None:
             with commands.lock:
                 commands.dumps += 1
@@ -444,7 +451,7 @@ def run(size: Size, work: Path) -> list[Row]:
               f"(markers hit: {json.dumps(traffic.injected, sort_keys=True)}, reconnects "
               f"{traffic.reconnects}); {commands.sent:,} commands, {commands.answered:,} "
               f"answered, {commands.dumps} dumps ({commands.dumped_rows:,} rows; one starts "
-              f"each second, or at once when the last took longer); RSS "
+              f"each second, or 0.1 s after the last when it took longer); RSS "
               f"{samples[0][1] // 1024 if samples else 0} MiB, after warm-up "
               f"{warm_rss // 1024} → {final_rss // 1024} MiB, slope {slope:+.0f} KiB/min; "
               f"fds {base_fds} → peak {peak_fds} → {after_fds}")

@@ -3,7 +3,7 @@
 Prints the port of its echo server (the good upstream), then for each stdin line
 `PROXY_PORT SECONDS` runs a request/response loop through 127.0.0.1:PROXY_PORT for SECONDS
 (64-byte messages numbered and checksummed, each answer checked) and prints one JSON line:
-round trips, p50 and p99 in ms, errors."""
+round trips, p50, p99 and max in ms, errors."""
 
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def run_loop(port: int, seconds: float) -> dict:
         return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000, 3) \
             if latencies else 0.0
 
-    return {"n": len(latencies), "p50": at(0.5), "p99": at(0.99), "errors": errors}
+    return {"n": len(latencies), "p50": at(0.5), "p99": at(0.99), "max": at(1.0),
+            "errors": errors}
 
 
 def main() -> None:

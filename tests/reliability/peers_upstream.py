@@ -18,7 +18,8 @@ The proxy logs a failure to open the upstream once per connection, anything else
 once per connection (its log is read), its open descriptors come back to where they were,
 and it stays up. Under `wirefault serve` the five bad proxies share the process and the
 loop with a good one, whose checksummed echo loop, run in a process of its own during the
-storm, must stay within 2x its p50 latency alone.
+storm, must stay within 2x its p50 latency alone (FULL; QUICK: within 10x or + 50 ms and no
+round trip over 5 s, robust to a busy CI machine, see latency_rule.py).
 """
 
 from __future__ import annotations
@@ -210,14 +211,15 @@ def run_serve(size: Size, work: Path) -> list[Row]:
             # the baseline is the slower of the two measurements around the storm
             after = healthy.measure(proc.ports["good"], seconds)
             alone = max(alone, after, key=lambda figures: figures["p50"])
-            passed = ratio_ok(during, alone) and proc.alive()
+            passed = ratio_ok(during, alone, size) and proc.alive()
             lost = "nothing" if passed else (
                 f"{during['errors']} errors" if during["errors"] else "the loop slowed down")
             rows.append(Row(
                 PART, "a healthy connection in the same serve process during all five",
                 f"{during['n']:,} round trips, {storms:,} bad connections", lost,
                 f"p50 {during['p50']} ms ({during['p50'] / alone['p50']:.2f}x alone "
-                f"{alone['p50']} ms), p99 {during['p99']} ms (alone {alone['p99']} ms)",
+                f"{alone['p50']} ms), p99 {during['p99']} ms (alone {alone['p99']} ms), "
+                f"max {during.get('max', 0.0)} ms",
                 passed))
     finally:
         healthy.close()
