@@ -263,3 +263,22 @@ def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-u
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def kill_what_runs_left(folder: Path) -> None:
+    """Kill every process and watchdog that chaos runs under `folder` recorded in their
+    processes.json (a paused world, a test that failed midway): nothing outlives a test."""
+    import json
+
+    from wirefault.fifo_client.chaos_reaping import kill_recorded
+
+    for state_file in folder.glob("**/processes.json"):
+        with contextlib.suppress(OSError, ValueError):
+            state = json.loads(state_file.read_text())
+            for entry in state.get("processes", []):
+                if entry.get("pid"):
+                    kill_recorded(entry)
+            watchdog = state.get("watchdog_pid")
+            if watchdog and not gone(watchdog):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(watchdog, signal.SIGKILL)

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import select
-import signal
 import subprocess
 import sys
 import time
@@ -37,11 +35,9 @@ from typing import Any
 
 import pytest
 from pgserver import free_port
-from proxy_helpers import gone, proc_state, stop_process
+from proxy_helpers import gone, kill_what_runs_left, proc_state, stop_process
 from proxy_helpers import wait_for as wait_until
 from test_peers_restart import write_input
-
-from wirefault.fifo_client.chaos_reaping import kill_recorded
 
 TESTS_DIR = Path(__file__).resolve().parent
 WIREFAULT = Path(sys.executable).parent / "wirefault"
@@ -170,16 +166,7 @@ def pipeline_scenario(workdir: Path, seed: int, *, broken: bool = False) -> Iter
                 process_faults=CRASH_THE_SINK_ONCE if broken else CRASH_EVERY_PEER))
             yield path
     finally:
-        for state_file in workdir.glob("**/processes.json"):
-            with contextlib.suppress(OSError, ValueError):
-                state = json.loads(state_file.read_text())
-                for entry in state.get("processes", []):
-                    if entry.get("pid"):
-                        kill_recorded(entry)
-                watchdog = state.get("watchdog_pid")
-                if watchdog and not gone(watchdog):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(watchdog, signal.SIGKILL)
+        kill_what_runs_left(workdir)
 
 
 def run_chaos(scenario: Path, run_dir: Path) -> tuple[subprocess.CompletedProcess[str], float]:

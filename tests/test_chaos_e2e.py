@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import io
 import json
-import random
 import select
 import signal
 import subprocess
@@ -40,7 +39,8 @@ import pytest
 from peers.sink import SinkConfig, SinkStats, run_sink
 from peers.wire import VERSION, FrameStream, LinkLost
 from pgserver import free_port
-from proxy_helpers import RunningProxy, running_proxy
+from proxy_helpers import RunningProxy, running_proxy, wait_for
+from test_peers_restart import write_input
 
 from wirefault.fifo_client import FaultProxy, TrafficRow, chaos
 
@@ -175,21 +175,6 @@ def running_pipeline(workdir: Path) -> Iterator[Pipeline]:
             peer.stop()
 
 
-def write_input(path: Path) -> bytes:
-    rng = random.Random(SEED)
-    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta", "iota"]
-    data = "".join(f"{i:05d} {' '.join(rng.choices(words, k=rng.randrange(1, 9)))}\n"
-                   for i in range(LINES)).encode()
-    path.write_bytes(data)
-    return data
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def by_connection(rows: list[TrafficRow]) -> dict[int, list[TrafficRow]]:
@@ -213,7 +198,7 @@ def killed_at(connections: dict[int, list[TrafficRow]], label: str, prefix: str)
 @pytest.mark.timeout(240)
 def test_pipeline_commits_input_exactly_once_under_chaos(tmp_path: Path) -> None:
     started = time.monotonic()
-    expected = write_input(tmp_path / "input.txt")
+    expected = write_input(tmp_path / "input.txt", SEED, LINES)
     with running_pipeline(tmp_path) as pipeline:
         output = tmp_path / "output.txt"
         wait_for(lambda: output.exists() and output.stat().st_size > 0, 15,

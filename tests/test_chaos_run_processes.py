@@ -7,7 +7,6 @@ exit, a line of its JSON timeline) and then look at the processes through /proc.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -20,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from proxy_helpers import gone, proc_state
+from proxy_helpers import gone, kill_what_runs_left, proc_state
 from proxy_helpers import wait_for as wait_until
 from test_chaos_runner import WIREFAULT, echoes_text, raw_echo_proxy, run_main, write
 
 from wirefault.fifo_client import chaos
-from wirefault.fifo_client.chaos_reaping import kill_recorded
 
 PY = sys.executable
 
@@ -82,16 +80,7 @@ def nothing_left_behind(tmp_path: Path) -> Iterator[None]:
     """Whatever a test leaves (a paused world, a failed assertion midway), its processes
     and watchdogs are killed afterwards."""
     yield
-    for state_file in tmp_path.glob("**/processes.json"):
-        with contextlib.suppress(OSError, ValueError):
-            state = json.loads(state_file.read_text())
-            for entry in state.get("processes", []):
-                if entry.get("pid"):
-                    kill_recorded(entry)
-            watchdog = state.get("watchdog_pid")
-            if watchdog and not gone(watchdog):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(watchdog, signal.SIGKILL)
+    kill_what_runs_left(tmp_path)
 
 
 def scenario(tmp_path: Path, body: str, **scripts: str) -> Path:

@@ -26,7 +26,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,7 @@ import pytest
 from peers import check_output
 from peers.wire import VERSION, FrameStream
 from pgserver import free_port
+from proxy_helpers import wait_for
 
 TESTS_DIR = Path(__file__).resolve().parent
 LINES = 6000
@@ -50,12 +51,6 @@ def write_input(path: Path, seed: int, lines: int = LINES) -> bytes:
     return data
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.01)
 
 
 @dataclass
