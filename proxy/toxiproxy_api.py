@@ -293,6 +293,8 @@ class _Handler(ApiHandler):
             data = json.loads(self.request.body or (b"{}" if kind is dict else b"[]"))
         except ValueError as exc:
             raise _joined(BAD_BODY, str(exc)) from None
+        except RecursionError:  # json's decoder recurses once per level of nesting
+            raise _joined(BAD_BODY, "nested too deeply") from None
         if not isinstance(data, kind):
             raise _joined(BAD_BODY, f"expected a JSON {'object' if kind is dict else 'array'}")
         return data

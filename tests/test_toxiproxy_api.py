@@ -476,3 +476,13 @@ def test_populate_checks_every_entry_first_then_stops_at_a_failure(served):
     assert reply.status_code == 201
     assert reply.json()["proxies"][0]["toxics"][0]["name"] == "latency_downstream"
     client.get_proxy("p1").destroy()
+
+
+def test_a_body_nested_too_deeply_is_a_400_not_a_500(served):
+    _, base, _ = served
+    for body in (b'{"a":' * 5000, b"[" * 100000):
+        reply = requests.post(f"{base}/proxies", data=body)
+        assert reply.status_code == 400, reply.text
+        assert reply.json()["error"] == "bad request body: nested too deeply"
+    reply = requests.post(f"{base}/populate", data=b"[" * 100000)
+    assert reply.status_code == 400 and "nested too deeply" in reply.json()["error"]
