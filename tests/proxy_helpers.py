@@ -282,3 +282,14 @@ def kill_what_runs_left(folder: Path) -> None:
             if watchdog and not gone(watchdog):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(watchdog, signal.SIGKILL)
+
+
+def listen_queue(port: int) -> int:
+    """Connections waiting in the accept queue of the listener on 127.0.0.1:`port` (a
+    listening socket's rx_queue in /proc/net/tcp)."""
+    with open("/proc/net/tcp") as table:
+        for line in list(table)[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
+                return int(fields[4].partition(":")[2], 16)
+    return 0

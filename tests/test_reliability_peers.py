@@ -26,7 +26,7 @@ import pytest
 from fifo_helpers import wait_until
 from pgserver import free_port
 from pgwire import startup_message
-from proxy_helpers import running_proxy
+from proxy_helpers import listen_queue, running_proxy
 
 
 def fd_count(pid: int) -> int:
@@ -37,17 +37,6 @@ def fd_count(pid: int) -> int:
         with contextlib.suppress(OSError):
             count += os.readlink(f"/proc/{pid}/fd/{fd}") != "/"
     return count
-
-
-def listen_queue(port: int) -> int:
-    """Connections waiting in the accept queue of the listener on 127.0.0.1:`port` (a
-    listening socket's rx_queue in /proc/net/tcp)."""
-    with open("/proc/net/tcp") as table:
-        for line in list(table)[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
-                return int(fields[4].partition(":")[2], 16)
-    return 0
 
 
 def server_that_closes_first() -> int:

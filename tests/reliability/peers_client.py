@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 
 from campaign import FULL, Row, Size, part
+from fifo_helpers import wait_until
 from peers_common import (
     LINGER_ZERO,
     FakeUpstream,
     fd_count,
     proxy_process,
     settled_fds,
-    wait_until,
 )
 from pgwire import query_message, startup_message
 from proxy_helpers import rss_kib

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from campaign import Size
+from fifo_helpers import wait_until
 from latency_rule import latency_problems
 from pgserver import free_port
 from proxy_helpers import BIN, _command, proxy_environment, read_line, wait_for_port
@@ -46,17 +47,6 @@ def fd_count(pid: int) -> int:
     return count
 
 
-def listen_queue(port: int) -> int:
-    """Connections waiting in the accept queue of the listener on 127.0.0.1:`port` (a
-    listening socket's rx_queue in /proc/net/tcp)."""
-    with open("/proc/net/tcp") as table:
-        for line in list(table)[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
-                return int(fields[4].partition(":")[2], 16)
-    return 0
-
-
 def settled_fds(pid: int, warm_up) -> int:
     """The process's descriptors after `warm_up()` (one connection through it, so that what
     the process opens lazily on its first connections is open already) has ended: the
@@ -65,17 +55,6 @@ def settled_fds(pid: int, warm_up) -> int:
     warm_up()
     wait_until(lambda: fd_count(pid) <= start, 3)
     return fd_count(pid)
-
-
-def wait_until(condition, timeout: float, step: float = 0.02) -> bool:
-    """Poll `condition` until it holds (True) or `timeout` passes (False): waits for an
-    event, with a generous bound."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(step)
-    return bool(condition())
 
 
 @dataclass

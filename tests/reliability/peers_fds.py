@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 
 from campaign import FULL, Row, Size, part
-from peers_common import FakeUpstream, fd_count, listen_queue, proxy_process, wait_until
+from fifo_helpers import wait_until
+from peers_common import FakeUpstream, fd_count, proxy_process
+from proxy_helpers import listen_queue
 from workloads import cpu_seconds
 
 PART = "hostile peers"

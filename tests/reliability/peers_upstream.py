@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from campaign import FULL, Row, Size, part
+from fifo_helpers import wait_until
 from peers_common import (
     FakeUpstream,
     HealthyLoop,
@@ -39,7 +40,6 @@ from peers_common import (
     ratio_ok,
     serve_process,
     settled_fds,
-    wait_until,
 )
 from pgserver import free_port
 
