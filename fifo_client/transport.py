@@ -13,8 +13,8 @@ here can hang past the deadline however the proxy behaves. The steps, and why:
    after a writer came and went since it opened, so `read() == b""` counts as end of reply
    only when POLLHUP was seen.
 
-Callers serialise whole exchanges (see `exclusive_lock`): the FIFO carries one
-conversation at a time.
+Callers serialise whole exchanges (see `exclusive_lock`: first come, first served): the
+FIFO carries one conversation at a time.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import fcntl
 import os
 import select
 import stat
+import struct
 import termios
 import threading
 import time
@@ -93,24 +94,69 @@ def lock_path(fifo_path: str) -> str:
     return f"{fifo_path}.lock"
 
 
+QUEUE_MAX_DELAY = 0.005
+"""The longest wait between two looks at the queue: the next in line starts at most this
+long after the previous holder finished."""
+_FLOCK_STRUCT = struct.Struct("hhqqi4x")
+"""Linux's `struct flock` (type, whence, start, length, pid), as F_OFD_* take it."""
+
+
 @contextlib.contextmanager
 def exclusive_lock(fifo_path: str, deadline: Deadline) -> Iterator[None]:
-    """Hold an exclusive `flock` on `<fifo>.lock` (created if missing) for one exchange."""
+    """Hold an exclusive `flock` on `<fifo>.lock` (created if missing) for one exchange,
+    after every client that asked for it earlier (first come, first served)."""
     path = lock_path(fifo_path)
     fd = _open_lock_file(path, fifo_path, deadline)
     try:
+        ticket = _take_ticket(fd)
+        _wait_for_turn(fd, ticket, path, fifo_path, deadline)
         backoff = Backoff(deadline)
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
-            except BlockingIOError:
+            except BlockingIOError:  # a client that takes no ticket (an older version)
                 if not backoff.wait():
                     raise _unavailable(fifo_path, deadline,
                                        f"another client held {path} all along") from None
         yield
     finally:
-        os.close(fd)  # closing the last descriptor releases the lock
+        os.close(fd)  # releases the ticket and the lock: the next in line goes on
+
+
+# The queue. Polling a plain `flock` is a race the waiter loses to a client that takes the
+# lock back to back: it releases and retakes within microseconds, the waiter looks every
+# 20 ms (seen: a command client waiting 30 s behind a run of long dumps). So each client
+# first takes a ticket, the time it arrived in nanoseconds, as a shared byte-range lock at
+# that offset of the lock file (an open-file-description lock: per open, so threads of one
+# process queue too; released when the file is closed, so a client that dies leaves the
+# queue), and waits until no ticket below its own remains. The `flock` still does the
+# excluding; the tickets only decide who tries for it next.
+
+
+def _ofd_lock(fd: int, command: int, lock_type: int, start: int, length: int) -> int:
+    request = _FLOCK_STRUCT.pack(lock_type, os.SEEK_SET, start, length, 0)
+    return _FLOCK_STRUCT.unpack(fcntl.fcntl(fd, command, request))[0]
+
+
+def _take_ticket(fd: int) -> int:
+    """A shared lock on one byte at offset now-in-ns (wall clock: shared by every process on
+    the host, containers included; a clock step only reorders the queue once)."""
+    ticket = time.time_ns()
+    _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, ticket, 1)  # shared: never refused
+    return ticket
+
+
+def _wait_for_turn(fd: int, ticket: int, path: str, fifo_path: str,
+                   deadline: Deadline) -> None:
+    delay = FIRST_DELAY
+    # Any ticket in [0, ticket) conflicts with a write lock there: the earlier arrivals.
+    while _ofd_lock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, 0, ticket) != fcntl.F_UNLCK:
+        if deadline.passed:
+            raise _unavailable(fifo_path, deadline,
+                               f"the clients queued before it on {path} held it all along")
+        pause(min(delay, deadline.remaining()))
+        delay = min(delay * 2, QUEUE_MAX_DELAY)
 
 
 def _open_lock_file(path: str, fifo_path: str, deadline: Deadline) -> int:
