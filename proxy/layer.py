@@ -38,7 +38,7 @@ from mitmproxy.proxy.layers.tcp import (
 from wirefault.protocols import Frame, FrameBatch
 
 from .fast_relay import FastRelay
-from .faults import FORWARD, Verdict
+from .faults import FORWARD, Decision, Verdict
 from .faults.slice import Pieces, pieces_of
 from .lane import Arrived, Closed, Held, Lane, Out
 from .recorder import RecorderSlot
@@ -282,21 +282,24 @@ class WirefaultLayer(layer.Layer):
             self.bytes_from_server += len(data)
         carried = framer.buffered
         batch = framer.feed_batch(data)
-        agent = self.agent
-        if lane.slow or lane.queue or (agent is not None and (
-                agent.watch_client if from_client else agent.watch_server)):
+        if lane.slow or lane.queue:
             return self._enqueue(lane, batch)
+        agent = self.agent
+        observe = agent is not None and (agent.watch_client if from_client
+                                         else agent.watch_server)
         whole = data if carried == 0 and framer.buffered == 0 else None
-        return self._judge(batch, lane, whole)
+        return self._judge(batch, lane, whole, observe)
 
-    def _judge(self, batch: FrameBatch, lane: Lane, whole_read: bytes | None
-               ) -> bytes | list[commands.Command]:
-        """Decide and record the frames of a read on a free lane.
+    def _judge(self, batch: FrameBatch, lane: Lane, whole_read: bytes | None,
+               observe: bool) -> bytes | list[commands.Command]:
+        """Decide and record the frames of a read on a free lane (the agent seeing each
+        first, with `observe`).
 
         Returns the bytes to forward when every frame passes (the read itself when it held
-        whole frames only), else the commands for the frame that triggered a fault (the
-        frames after it wait in the lane, judged in turn)."""
-        found = self.runtime.engine.first_fault(batch, self.rule_state, lane.from_client)
+        whole frames only), else the commands for the frame that triggered a fault or that
+        the agent rewrote (the frames after it wait in the lane, judged in turn)."""
+        found = self.runtime.engine.first_fault(batch, self.rule_state, lane.from_client,
+                                                observe)
         recorder = self.runtime.recorder
         if found is None:
             recorder.record_batch(self.slot, batch)
@@ -310,7 +313,11 @@ class WirefaultLayer(layer.Layer):
         if index:
             out.append(commands.SendData(lane.dest, b"".join([f.data for f in frames[:index]])))
         trigger = frames[index]
-        out.extend(self._act(lane, trigger, judgement, trigger.data))
+        if type(judgement) is bytes:  # the agent's bytes in its place; not judged yet
+            decided = self.runtime.engine.decide(trigger, self.rule_state)
+            out.extend(self._judge_observed(lane, trigger, judgement, decided, None))
+        else:
+            out.extend(self._act(lane, trigger, judgement, trigger.data))  # type: ignore[arg-type]
         if frames[index + 1:] and not self.dead:
             out.extend(self._enqueue(lane, frames[index + 1:]))
         return out
@@ -381,12 +388,19 @@ class WirefaultLayer(layer.Layer):
                 data = replacement
         judgement = self.runtime.engine.judge_one(frame, self.rule_state)
         self.runtime.recorder.record(self.slot, frame)
+        yield from self._judge_observed(lane, frame, data, judgement, lane.arrived)
+
+    def _judge_observed(self, lane: Lane, frame: Frame, data: bytes,
+                        judgement: Judgement | Decision, arrived: float | None
+                        ) -> _Commands:
+        """Send `data` (the frame's bytes, or what the agent put in their place) or act on
+        the judgement (a hold counting from `arrived`; None: now)."""
         if judgement is FORWARD:
             if data and not (yield from self._hold_close(lane, frame, data)):
                 yield from self._emit(lane, data)
         else:
             yield from self._act(lane, frame, judgement, data,  # type: ignore[arg-type]
-                                 lane.arrived)
+                                 arrived)
 
     # -- acting on a frame -------------------------------------------------------------------
 

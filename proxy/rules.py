@@ -316,11 +316,18 @@ class RuleEngine:
 
     # -- judging ---------------------------------------------------------------------------
 
-    def first_fault(self, batch: FrameBatch, conn: ConnectionState, from_client: bool
-                    ) -> tuple[int, Judgement] | None:
+    def first_fault(self, batch: FrameBatch, conn: ConnectionState, from_client: bool,
+                    observe: bool = False) -> tuple[int, Judgement | bytes] | None:
         """Decides a read's frames in order: the index of the first one a fault acts on,
         with the judgement; None when all pass. Counts the frames (as the connection's
-        frame numbers) before deciding each, as `decide` expects."""
+        frame numbers) before deciding each, as `decide` expects.
+
+        With `observe`, the connection's agent sees each frame first, while it watches that
+        side (it must see a frame after the faults judged the ones before it: a Bind
+        changes what the next Execute's query is); when it gives bytes to send in a frame's
+        place, that frame's index comes back with the bytes, counted but not judged."""
+        if observe:
+            return self._first_fault_observed(batch, conn, from_client)
         live = self._live
         if not live:  # the proxy with nothing in force: count, nothing else
             if from_client:
@@ -351,6 +358,33 @@ class RuleEngine:
                 judgement = decide(frame, conn)
                 if judgement is not FORWARD:
                     return index, judgement  # type: ignore[return-value]
+                index += 1
+        return None
+
+    def _first_fault_observed(self, batch: FrameBatch, conn: ConnectionState,
+                              from_client: bool) -> tuple[int, Judgement | bytes] | None:
+        agent = conn.agent
+        assert agent is not None
+        judging = bool(self._live)
+        decide = self.decide
+        index = 0
+        for segment in batch.segments:
+            frames = segment.frames() if type(segment) is FrameRun else [segment]
+            for frame in frames:  # type: ignore[union-attr]
+                if from_client:
+                    conn.client_frames_seen += 1
+                    watching = agent.watch_client
+                else:
+                    conn.server_frames_seen += 1
+                    watching = agent.watch_server
+                if watching:
+                    replacement = agent.observe(frame)  # type: ignore[arg-type]
+                    if replacement is not None:
+                        return index, replacement
+                if judging:
+                    judgement = decide(frame, conn)  # type: ignore[arg-type]
+                    if judgement is not FORWARD:
+                        return index, judgement  # type: ignore[return-value]
                 index += 1
         return None
 

@@ -246,3 +246,77 @@ def test_terminate_in_a_run_is_left_out_like_a_single_one():
     recorder.record_batch(RecorderSlot(), session.client.feed_batch(
         M["Sync"].encode() + M["Terminate"].encode()))
     assert recorder.dump() == "0\tcoordinator\tSync()"
+
+
+# -- the agent seeing each frame inline (statement tracking, where()) ------------------------
+
+TRACKING_RULES = [
+    'conn.onExecute(query="^COMMIT").kill()',
+    'conn.onExecute(query="^SELECT").after(2).kill()',
+    'conn.onBind(query="^SELECT").after(1).kill()',
+    'conn.onDescribe(query="COMMIT").kill()',
+    'conn.onClose(query="^SELECT").kill()',
+    'conn.where(application_name="^app$").onSync().after(1).kill()',
+    'conn.where(application_name="^other$").onQuery().kill()',
+]
+STATEMENTS = ("", "s1")
+CLIENT_POOL = [
+    *(M["Parse"].encode(statement=name, query=query, parameter_types=[])
+      for name in STATEMENTS for query in ("SELECT 1", "COMMIT")),
+    *(M["Bind"].encode(portal="", statement=name, parameter_formats=[], parameters=[],
+                       result_formats=[]) for name in STATEMENTS),
+    M["Execute"].encode(portal="", max_rows=0),
+    *(M[kind].encode(kind="S", name=name) for kind in ("Describe", "Close")
+      for name in STATEMENTS),
+    M["Sync"].encode(),
+    M["Query"].encode(query="COMMIT"),
+]
+SERVER_POOL = [M["ReadyForQuery"].encode(status="I"),
+               M["CommandComplete"].encode(command="SELECT 1")]
+
+
+@st.composite
+def sessions(draw: st.DrawFn) -> list[tuple[bool, bytes]]:
+    """An extended-protocol session (statements parsed, bound, run, closed) cut into reads."""
+    startup = M["StartupMessage"].encode(user="u", database="d", application_name="app")
+    client = startup + b"".join(draw(st.lists(st.sampled_from(CLIENT_POOL), max_size=30)))
+    server = b"".join(draw(st.lists(st.sampled_from(SERVER_POOL), max_size=8)))
+    client_reads = cut(client, draw(st.lists(st.integers(0, 400), max_size=8)))
+    server_reads = cut(server, draw(st.lists(st.integers(0, 60), max_size=3)))
+    order = draw(st.permutations([True] * len(client_reads) + [False] * len(server_reads)))
+    queues = {True: iter(client_reads), False: iter(server_reads)}
+    return [(from_client, next(queues[from_client])) for from_client in order]
+
+
+def _observed_frame_by_frame(engine: RuleEngine, batch: FrameBatch, state: ConnectionState,
+                             from_client: bool):
+    """What the layer does with a queued frame: the agent sees it (while it watches that
+    side), then the faults judge it."""
+    agent = state.agent
+    for index, frame in enumerate(batch):
+        if agent.watch_client if from_client else agent.watch_server:
+            replacement = agent.observe(frame)
+            assert replacement is None  # no error() substitutes here
+        decision = engine.judge_one(frame, state)
+        if decision is not FORWARD:
+            return index, decision
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(rule=st.sampled_from(TRACKING_RULES), reads=sessions())
+def test_first_fault_observing_decides_exactly_as_frame_by_frame(rule, reads):
+    by_batch, by_frame = RuleEngine(PROTOCOL, rule), RuleEngine(PROTOCOL, rule)
+    batch_state = ConnectionState(agent=PROTOCOL.new_agent())
+    frame_state = ConnectionState(agent=PROTOCOL.new_agent())
+    for state, engine in ((batch_state, by_batch), (frame_state, by_frame)):
+        state.agent.track_statements = engine.tracks_statements
+    for (from_client, batch), (_, same) in zip(batches(reads), batches(reads), strict=True):
+        agent = batch_state.agent
+        observe = agent.watch_client if from_client else agent.watch_server
+        got = by_batch.first_fault(batch, batch_state, from_client, observe)
+        expected = _observed_frame_by_frame(by_frame, same, frame_state, from_client)
+        assert got == expected
+        assert _effective(batch_state) == _effective(frame_state)
+        if got is not None:  # the layer stops here: the rest is queued, judged in turn
+            return
