@@ -55,6 +55,8 @@ _FILTER, _DERIVED, _MATCH, _CONTAINS, _AFTER, _PROBABILITY = range(6)
 
 Step = tuple[int, object, object]
 
+MAX_CANDIDATE_KEYS = 512
+"""(direction, type, alias) keys `decide` remembers the candidate faults of."""
 _SIDE_EFFECT_FREE = (dsl.MessageFilter, dsl.BytesMatch, dsl.BytesContains, dsl.FromSide,
                      dsl.Where, dsl.Times, dsl.ConnectionProbability)
 """Steps that change nothing when they stop a frame (after() and probability() count or
@@ -203,6 +205,8 @@ class RuleEngine:
         self._gates: tuple[frozenset[str] | None, frozenset[str] | None] = (None, None)
         self._killall_on = False
         self._live: list[InstalledFault] = []
+        self._candidates: dict[tuple[bool, str, str | None], list[InstalledFault]] = {}
+        """`_candidates_for`'s answers, until what is in force changes."""
         if initial:
             self.set_rule_text(initial)
 
@@ -293,8 +297,22 @@ class RuleEngine:
     def _changed(self) -> None:
         """Recompute what the per-read path consults: the live faults and the gates."""
         self._live = [f for f in self.faults if not f.spent]
+        self._candidates.clear()
         self._killall_on = any(f.shared.killall_fired for f in self._live)
         self._gates = (self._gate_for(True), self._gate_for(False))
+
+    def _candidates_for(self, key: tuple[bool, str, str | None]) -> list[InstalledFault]:
+        """The live faults, in order, that may act on a frame of this direction, type and
+        alias: a fault whose chain starts with side-effect-free steps and a filter of
+        another type would only walk to that filter and stop (see `InstalledFault.gate`)."""
+        from_client, type_name, alias = key
+        found = [f for f in self._live
+                 if (f.from_client is None or f.from_client is from_client)
+                 and (f.gate is None or type_name in f.gate or alias in f.gate)]
+        if len(self._candidates) >= MAX_CANDIDATE_KEYS:  # bounded, whatever types come
+            self._candidates.clear()
+        self._candidates[key] = found
+        return found
 
     def _gate_for(self, from_client: bool) -> frozenset[str] | None:
         """The union of the types the live faults for this direction start with; None when
@@ -409,7 +427,14 @@ class RuleEngine:
         judgement: Judgement | None = None
         from_client = frame.from_client
         states = conn.faults
-        for f in self._live:
+        if self._killall_on:  # a fault whose killall fired acts on every frame
+            candidates = self._live
+        else:
+            key = (from_client, frame.type, frame.alias)
+            candidates = self._candidates.get(key)  # type: ignore[assignment]
+            if candidates is None:
+                candidates = self._candidates_for(key)
+        for f in candidates:
             side = f.from_client
             if side is not None and side is not from_client:
                 continue

@@ -320,3 +320,41 @@ def test_first_fault_observing_decides_exactly_as_frame_by_frame(rule, reads):
         assert _effective(batch_state) == _effective(frame_state)
         if got is not None:  # the layer stops here: the rest is queued, judged in turn
             return
+
+
+# -- several faults: decide walks only the faults that may act on the frame's type -----------
+
+
+class WalkingEveryFault(RuleEngine):
+    """The reference: every live fault walked for every frame."""
+
+    def _candidates_for(self, key):  # type: ignore[no-untyped-def]
+        return self._live
+
+
+SEVERAL_RULES = [
+    *RULES[1:],
+    'conn.fromServer().onDataRow().contains(b"7").after(1).kill()',
+    'conn.onCommandComplete(command="NEVER").delay(5)',
+    "conn.onReadyForQuery().times(1).killall()",
+    'conn.onErrorResponse(code="XX").kill()',
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(rules=st.lists(st.sampled_from(SEVERAL_RULES), min_size=1, max_size=5),
+       reads=conversations())
+def test_several_faults_decide_as_walking_every_fault(rules, reads):
+    engines = (RuleEngine(PROTOCOL), WalkingEveryFault(PROTOCOL))
+    for engine in engines:
+        for number, rule in enumerate(rules):
+            engine.set_rule_text(f'faults.add("f{number}"){rule.removeprefix("conn")}')
+    states = (ConnectionState(), ConnectionState())
+    for (from_client, batch), (_, same) in zip(batches(reads), batches(reads), strict=True):
+        got = engines[0].first_fault(batch, states[0], from_client)
+        expected = engines[1].first_fault(same, states[1], from_client)
+        assert got == expected
+        assert _effective(states[0]) == _effective(states[1])
+        assert [f.shared for f in engines[0].faults] == [f.shared for f in engines[1].faults]
+        if got is not None:
+            return
