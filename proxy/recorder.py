@@ -26,7 +26,6 @@ from operator import itemgetter
 
 from wirefault.protocols import Frame, FrameBatch, FrameRun, MessageSpec, TypeTable
 from wirefault.protocols.base import Limits, cut_fields, cut_payload, render_cut
-from wirefault.protocols.batch import frames_of
 
 DEFAULT_LIMIT = 100_000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
@@ -55,6 +54,10 @@ MOST_BYTES_PER_FRAME = 2 * KEEP_FRAME_BYTES + FRAME_BYTES + ROW_BYTES + RUN_BYTE
 """The most a frame kept whole, or a frame of a run (which keeps at most twice its frames'
 bytes, see `_add_run`), holds: a chunk of `_chunk_frames` of them stays within
 `_chunk_bytes` without counting them one by one."""
+CACHED_FRAME_BYTES = 512
+"""A dump remembers the text of frames up to this size (see `_CachedRender`)..."""
+RENDER_CACHE_ENTRIES = 8192
+"""... this many at most: at most ~8 MB however the traffic looks."""
 _PAYLOAD = itemgetter(3)
 _MARK = "\0mark"
 """The key of a row that marks the frame row before it: a fault acted on that frame."""
@@ -374,6 +377,7 @@ class DumpSnapshot:
     def _rendered(self) -> Iterator[tuple[int, bool, str, bool]]:
         skip = self.skip
         marked_frame_shown = False
+        render = _CachedRender(self.messages)
         for rows in self.chunks:
             for number, from_client, key, payload in rows:
                 if key is _MARK:
@@ -383,15 +387,14 @@ class DumpSnapshot:
                 marked_frame_shown = skip <= 0 or (type(key) is tuple and skip < len(key[3]))
                 if type(key) is tuple:
                     index, base, start, types, ends = key
-                    frames = frames_of(payload, base, start, types, ends,  # type: ignore[arg-type]
-                                       TypeTable.known[index], from_client)
-                    if skip > 0:
-                        skip -= len(frames)
-                        if skip >= 0:
-                            continue
-                        frames = frames[skip:]
-                    for frame in frames:
-                        yield number, from_client, render_frame(frame), False
+                    count = len(types)  # type: ignore[arg-type]
+                    if skip >= count:
+                        skip -= count
+                        continue
+                    for text in render.run(payload, base, start, types, ends,  # type: ignore[arg-type]
+                                           TypeTable.known[index], from_client, max(skip, 0)):
+                        yield number, from_client, text, False
+                    skip = min(skip, 0)
                     continue
                 if skip > 0:
                     skip -= 1
@@ -401,7 +404,46 @@ class DumpSnapshot:
                 elif type(payload) is tuple:
                     yield number, from_client, render_cut(key, payload), False  # type: ignore[arg-type]
                 else:
-                    data: bytes = payload  # type: ignore[assignment]
-                    frame = Frame(key, data, (0, len(data)), from_client,  # type: ignore[arg-type]
-                                  self.messages.get(key))  # type: ignore[arg-type]
-                    yield number, from_client, render_frame(frame), False
+                    yield number, from_client, render.one(key, payload, from_client), False  # type: ignore[arg-type]
+
+
+class _CachedRender:
+    """Renders the frames of one dump, remembering the text of small frames by type and
+    bytes: traffic repeats itself (the same queries, ReadyForQuery, CommandComplete), and a
+    rendering is a pure function of the two, so each distinct small frame is decoded once."""
+
+    __slots__ = ("cache", "messages")
+
+    def __init__(self, messages: Mapping[str, MessageSpec]) -> None:
+        self.messages = messages
+        self.cache: dict[tuple[str, bytes], str] = {}
+
+    def one(self, type_name: str, data: bytes, from_client: bool) -> str:
+        return self._text(type_name, data, from_client, self.messages.get(type_name))
+
+    def run(self, blob: bytes, base: int, start: int, types: bytes, ends: bytes,
+            table: TypeTable, from_client: bool, skip: int) -> Iterator[str]:
+        """The texts of a run's frames (see `frames_of`), the first `skip` left out."""
+        specs = table.specs
+        text = self._text
+        for type_byte, end in zip(types, memoryview(ends).cast("q").tolist(), strict=True):
+            if skip:
+                skip -= 1
+            else:
+                spec = specs[type_byte]
+                yield text(spec.name, blob[start - base:end - base], from_client, spec)  # type: ignore[union-attr]
+            start = end
+
+    def _text(self, type_name: str, data: bytes, from_client: bool,
+              spec: MessageSpec | None) -> str:
+        if len(data) > CACHED_FRAME_BYTES:
+            return render_frame(Frame(type_name, data, (0, len(data)), from_client, spec))
+        key = (type_name, data)
+        cache = self.cache
+        text = cache.get(key)
+        if text is None:
+            text = render_frame(Frame(type_name, data, (0, len(data)), from_client, spec))
+            if len(cache) >= RENDER_CACHE_ENTRIES:
+                cache.clear()
+            cache[key] = text
+        return text

@@ -358,3 +358,30 @@ def test_several_faults_decide_as_walking_every_fault(rules, reads):
         assert [f.shared for f in engines[0].faults] == [f.shared for f in engines[1].faults]
         if got is not None:
             return
+
+
+REPEATED_POOL = [M["ReadyForQuery"].encode(status="I"),
+                 M["CommandComplete"].encode(command="SELECT 1"),
+                 M["CommandComplete"].encode(command="SELECT 2"),  # same type and length
+                 M["DataRow"].encode(values=[b"1", None]),
+                 M["DataRow"].encode(values=[b"2", None]),
+                 M["DataRow"].encode(values=[b"x" * 700]),  # kept whole, past the cache's size
+                 M["ErrorResponse"].encode(severity="ERROR", code="XX000", message="m")]
+
+
+@settings(max_examples=60, deadline=None)
+@given(picks=st.lists(st.integers(0, len(REPEATED_POOL) - 1), max_size=80),
+       cuts=st.lists(st.integers(0, 3000), max_size=8), limit=st.sampled_from([3, 50, 1000]))
+def test_a_dump_of_repeated_frames_renders_each_as_on_its_own(picks, cuts, limit):
+    """A dump remembers the text of small frames it rendered: the same text as each frame
+    rendered on its own, in runs and alone, with frames left out past the limit."""
+    stream = b"".join(REPEATED_POOL[i] for i in picks)
+    session = PROTOCOL.new_session()
+    recorder = Recorder(limit=limit, messages=M)
+    slot = RecorderSlot()
+    expected = []
+    for data in cut(stream, cuts):
+        batch = session.server.feed_batch(data)
+        recorder.record_batch(slot, batch)
+        expected += [(0, False, render_frame(f)) for f in batch]
+    assert recorder.dump() == _reference_dump(expected, limit)
