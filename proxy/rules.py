@@ -554,7 +554,8 @@ class RuleEngine:
         self.fired_log.append(firing)
         if self.on_fired is not None:
             self.on_fired(firing)
-        logger.info("wirefault: %s", firing.line())
+        if logger.isEnabledFor(logging.INFO):  # the line is built only when it is logged
+            logger.info("wirefault: %s", firing.line())
 
     # -- what is in force, for faults.list() -----------------------------------------------
 
