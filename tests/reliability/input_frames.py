@@ -452,8 +452,11 @@ def run_mode(protocol: str, kind: str, upstream: int, frames: int, work: Path,
     # the other connections meanwhile: the longest round trip is bounded generously.
     lost += latency_problems(size, p50_alone, p50_during, worst, full_stall=2.0)
     # The bound: what the proxy may hold, by design: the recorder's bytes (64 MiB by
-    # default) and one frame's cap per connection being framed (a hostile and the healthy).
-    bound = 64 * 1024 + 2 * fs.MAX_FRAME // 1024
+    # default), one frame's cap per connection being framed (a hostile and the healthy),
+    # and a dump while it is rendered and sent: its lines, their text joined and that text
+    # encoded, three times the largest reply (a wallaroo dump of a second's flood is ~20 MB).
+    largest_dump_kib = max((len(reply) for reply in dumper.replies), default=0) // 1024
+    bound = 64 * 1024 + 2 * fs.MAX_FRAME // 1024 + 3 * largest_dump_kib
     grew = peak - rss_before
     if grew > bound:
         lost.append(f"RSS grew {grew // 1024} MiB, over the bound {bound // 1024} MiB")
@@ -462,7 +465,8 @@ def run_mode(protocol: str, kind: str, upstream: int, frames: int, work: Path,
               f"p99 {_ms(percentile(during, 0.99))}, max {_ms(worst)} "
               f"({len(during)} round trips); {len(results)} connections, {errors} shown as "
               f"ProtocolError; RSS {rss_before // 1024} MiB before, peak {peak // 1024} MiB; "
-              f"{framed / seconds:,.0f} frames/s; longest dump {_ms(dumper.longest)}")
+              f"{framed / seconds:,.0f} frames/s; longest dump {_ms(dumper.longest)}, largest "
+              f"{largest_dump_kib / 1024:.1f} MiB")
     return Row("hostile input", f"{protocol} frames, mutated, through "
                f"{'the runner' if kind == 'runner' else 'mitmdump'}",
                f"{framed:,} frames", "; ".join(lost[:5]) or "nothing", figure, not lost)
