@@ -58,14 +58,8 @@ def _dump_reply(snapshot: DumpSnapshot) -> str | asyncio.Future[str]:
     else:
         running = True
     if snapshot.frames <= SYNC_DUMP_FRAMES or not running:
-        rows = snapshot.render()
-        return f"{rows}\n" if rows else ""
-
-    async def rendered() -> str:
-        rows = await snapshot.render_in_slices()
-        return f"{rows}\n" if rows else ""
-
-    return asyncio.ensure_future(rendered())
+        return snapshot.render(end="\n")
+    return asyncio.ensure_future(snapshot.render_in_slices(end="\n"))
 
 
 class WirefaultAddon:

@@ -337,11 +337,19 @@ class DumpSnapshot:
     client_label: str
     server_label: str
 
-    def render(self) -> str:
-        return "\n".join(self.lines())
+    def render(self, end: str = "") -> str:
+        """The rows, one a line, `end` after the last (none without rows)."""
+        lines = list(self.lines())
+        if not lines:
+            return ""
+        lines[-1] += end
+        return "\n".join(lines)
 
-    async def render_in_slices(self, slice_seconds: float = SLICE_SECONDS) -> str:
-        """`render()`'s text, giving the event loop its turn every `slice_seconds`."""
+    async def render_in_slices(self, slice_seconds: float = SLICE_SECONDS, end: str = "") -> str:
+        """`render(end)`'s text, giving the event loop its turn every `slice_seconds`.
+
+        `end` is joined in, not added after: a dump's text can be tens of megabytes, and
+        every copy of it counts in the proxy's peak memory."""
         lines: list[str] = []
         clock = time.perf_counter
         deadline = clock() + slice_seconds
@@ -350,6 +358,10 @@ class DumpSnapshot:
             if len(lines) % SLICE_CHECK == 0 and clock() >= deadline:
                 await asyncio.sleep(0)
                 deadline = clock() + slice_seconds
+        if not lines:
+            return ""
+        if end:
+            lines[-1] += end
         return "\n".join(lines)
 
     def lines(self) -> Iterator[str]:
