@@ -50,12 +50,18 @@ def waiter(fifo: str, order: list[str], seconds: float = 30) -> threading.Thread
     return thread
 
 
-def test_a_waiting_client_goes_before_one_that_takes_the_lock_back_to_back(tmp_path):
+def holding(tmp_path: Path) -> tuple[str, list[str], Holder]:
+    """A FIFO path, the order clients got the lock in, and a holder that has it now."""
     fifo = str(tmp_path / "proxy.fifo")
     order: list[str] = []
     holder = Holder(fifo, order)
     holder.start()
     assert holder.holding.wait(10)
+    return fifo, order, holder
+
+
+def test_a_waiting_client_goes_before_one_that_takes_the_lock_back_to_back(tmp_path):
+    fifo, order, holder = holding(tmp_path)
     lock_file = Path(transport.lock_path(fifo))
     waiting = waiter(fifo, order)
     wait_for(lambda: queued_tickets(lock_file) == 2, 10, "the waiter's ticket")
@@ -66,11 +72,7 @@ def test_a_waiting_client_goes_before_one_that_takes_the_lock_back_to_back(tmp_p
 
 
 def test_a_waiter_that_gives_up_leaves_the_queue(tmp_path):
-    fifo = str(tmp_path / "proxy.fifo")
-    order: list[str] = []
-    holder = Holder(fifo, order)
-    holder.start()
-    assert holder.holding.wait(10)
+    fifo, order, holder = holding(tmp_path)
     with pytest.raises(ProxyUnavailable, match="queued before it"), \
             transport.exclusive_lock(fifo, transport.Deadline(0.2)):
         pass
