@@ -28,6 +28,7 @@ from fifo_helpers import wait_until
 from peers_common import (
     LINGER_ZERO,
     FakeUpstream,
+    ThreadedServer,
     fd_count,
     proxy_process,
     settled_fds,
@@ -156,22 +157,12 @@ def _half_close(kind: str, size: Size, work: Path) -> Row:
                "; ".join(problems) or "nothing", figure, not problems)
 
 
-class Recorder:
+class Recorder(ThreadedServer):
     """An upstream that records how each connection ended: "closed" or "reset"."""
 
     def __init__(self) -> None:
         self.ends: list[str] = []
-        self._server = socket.create_server(("127.0.0.1", 0), backlog=256)
-        self.port = self._server.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        super().__init__(backlog=256)
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
@@ -181,9 +172,6 @@ class Recorder:
                 self.ends.append("closed")
             except OSError:
                 self.ends.append("reset")
-
-    def close(self) -> None:
-        self._server.close()
 
 
 def _vanish(port: int, abort: bool) -> None:

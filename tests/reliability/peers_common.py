@@ -136,17 +136,12 @@ def serve_process(proxies: dict[str, tuple[str, int, str]], work: Path) -> Itera
         _stop(process)
 
 
-class FakeUpstream:
-    """A TCP server that misbehaves as `mode` says, for every connection it accepts:
-    "reset" (reads the client's first bytes, then RST), "midframe" (answers half a
-    PostgreSQL message and closes), "stall" (accepts, reads, never answers: it only notices
-    the close), "echo" (a well-behaved echo). `closed` counts the connections it saw end."""
+class ThreadedServer:
+    """A loopback TCP server serving each connection it accepts in a thread of its own
+    (`_serve`, for subclasses), until `close`."""
 
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-        self.closed = 0
-        self._lock = threading.Lock()
-        self._server = socket.create_server(("127.0.0.1", 0), backlog=4096)
+    def __init__(self, backlog: int) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0), backlog=backlog)
         self.port = self._server.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -157,6 +152,25 @@ class FakeUpstream:
             except OSError:
                 return
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._server.close()
+
+
+class FakeUpstream(ThreadedServer):
+    """A TCP server that misbehaves as `mode` says, for every connection it accepts:
+    "reset" (reads the client's first bytes, then RST), "midframe" (answers half a
+    PostgreSQL message and closes), "stall" (accepts, reads, never answers: it only notices
+    the close), "echo" (a well-behaved echo). `closed` counts the connections it saw end."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.closed = 0
+        self._lock = threading.Lock()
+        super().__init__(backlog=4096)
 
     def _serve(self, conn: socket.socket) -> None:
         mode = self.mode
@@ -179,9 +193,6 @@ class FakeUpstream:
             conn.close()
             with self._lock:
                 self.closed += 1
-
-    def close(self) -> None:
-        self._server.close()
 
 
 def probe(port: int, host: str = "127.0.0.1", wait: float = 5.0,
