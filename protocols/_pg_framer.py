@@ -119,6 +119,19 @@ class PgFramer:
         self._frame_from(data, pos, segments)
         return FrameBatch(segments)
 
+    def feed_whole(self, data: bytes) -> tuple[bytes, bytes, TypeTable] | None:
+        """A read made only of whole messages of plain types, with nothing held before it:
+        their type bytes and end offsets (as `scan` gives them) and the table naming them,
+        the read framed (`feed_batch` would give these as one run, or one frame). None, and
+        nothing changed, for any other read: the caller then feeds it."""
+        if self._mode != _TYPED or self._pending or type(data) is not bytes:
+            return None
+        table = self._table
+        stop, types, ends = scan(data, 0, table.plain, self._max_length)
+        if stop != len(data) or not types:
+            return None
+        return types, ends, table
+
     # --- the common case ------------------------------------------------------------------
 
     def _frame_typed(self, data: bytes, pos: int, frames: list[Segment]) -> int:

@@ -135,9 +135,106 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
+/*
+ * texts_pass(data, types, ends, tests) -> bool
+ *   data, types, ends: a read of whole messages as scan() gave them from position 0
+ *   tests: a tuple of 256 entries, by type byte: None (nothing to test: the frame passes),
+ *          False (the frame does not pass), or a tuple of patterns (objects with search())
+ * True when every frame passes: those with patterns only when their sole text field (the
+ * whole body: text and one NUL at its end) is ASCII and no pattern's search(text) finds it.
+ * Anything else is False: a NUL inside, non-ASCII text, too short a body. The same function
+ * in Python (texts_pass_python) is the reference; tests hold this one to it.
+ */
+static PyObject *texts_pass(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    static PyObject *search_name = NULL;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "texts_pass(data, types, ends, tests)");
+        return NULL;
+    }
+    PyObject *data = args[0], *types = args[1], *ends = args[2], *tests = args[3];
+    if (!PyBytes_CheckExact(data) || !PyBytes_CheckExact(types) || !PyBytes_CheckExact(ends)) {
+        PyErr_SetString(PyExc_TypeError, "texts_pass: data, types and ends must be bytes");
+        return NULL;
+    }
+    if (!PyTuple_CheckExact(tests) || PyTuple_GET_SIZE(tests) != 256) {
+        PyErr_SetString(PyExc_TypeError, "texts_pass: tests must be a tuple of 256");
+        return NULL;
+    }
+    Py_ssize_t count = PyBytes_GET_SIZE(types);
+    Py_ssize_t size = PyBytes_GET_SIZE(data);
+    if (PyBytes_GET_SIZE(ends) != count * (Py_ssize_t)sizeof(int64_t)) {
+        PyErr_SetString(PyExc_ValueError, "texts_pass: one end per type");
+        return NULL;
+    }
+    if (search_name == NULL) {
+        search_name = PyUnicode_InternFromString("search");
+        if (search_name == NULL) {
+            return NULL;
+        }
+    }
+    const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(data);
+    const unsigned char *type_bytes = (const unsigned char *)PyBytes_AS_STRING(types);
+    const char *end_bytes = PyBytes_AS_STRING(ends);
+    Py_ssize_t start = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        int64_t end64;
+        memcpy(&end64, end_bytes + i * (Py_ssize_t)sizeof end64, sizeof end64);
+        Py_ssize_t end = (Py_ssize_t)end64;
+        if (end < start || end > size) {
+            PyErr_SetString(PyExc_ValueError, "texts_pass: ends outside data");
+            return NULL;
+        }
+        PyObject *test = PyTuple_GET_ITEM(tests, type_bytes[i]);
+        if (test == Py_None) {
+            start = end;
+            continue;
+        }
+        if (!PyTuple_CheckExact(test)) {
+            Py_RETURN_FALSE;
+        }
+        /* After the 5-byte header, the body is the text then one NUL. */
+        Py_ssize_t text_start = start + 5, text_end = end - 1;
+        if (end - start < 6 || buf[text_end] != 0) {
+            Py_RETURN_FALSE;
+        }
+        for (Py_ssize_t k = text_start; k < text_end; k++) {
+            if (buf[k] == 0 || buf[k] >= 0x80) {
+                Py_RETURN_FALSE;
+            }
+        }
+        Py_ssize_t patterns = PyTuple_GET_SIZE(test);
+        if (patterns) {
+            PyObject *text = PyUnicode_FromStringAndSize((const char *)buf + text_start,
+                                                         text_end - text_start);
+            if (text == NULL) {
+                return NULL;
+            }
+            for (Py_ssize_t p = 0; p < patterns; p++) {
+                PyObject *found = PyObject_CallMethodOneArg(PyTuple_GET_ITEM(test, p),
+                                                            search_name, text);
+                if (found == NULL) {
+                    Py_DECREF(text);
+                    return NULL;
+                }
+                int hit = found != Py_None;
+                Py_DECREF(found);
+                if (hit) {
+                    Py_DECREF(text);
+                    Py_RETURN_FALSE;
+                }
+            }
+            Py_DECREF(text);
+        }
+        start = end;
+    }
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef methods[] = {
     {"scan", (PyCFunction)(void (*)(void))scan, METH_FASTCALL,
      "scan(data, pos, plain, max_length) -> (stop, types, ends)"},
+    {"texts_pass", (PyCFunction)(void (*)(void))texts_pass, METH_FASTCALL,
+     "texts_pass(data, types, ends, tests) -> bool"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -43,10 +43,35 @@ def scan_python(data: bytes, pos: int, plain: bytes, max_length: int
     return pos, bytes(types), ends.tobytes()
 
 
+
+
+def texts_pass_python(data: bytes, types: bytes, ends: bytes, tests: tuple) -> bool:
+    """`texts_pass` (see `_pg_scan.c`): whether every frame of a read of whole messages
+    passes its test by type byte: None passes, False does not, a tuple of patterns passes
+    when the frame's sole text (the body: text, then one NUL at its end) is ASCII and no
+    pattern's search() finds it."""
+    start = 0
+    for type_byte, end in zip(types, memoryview(ends).cast("q").tolist(), strict=True):
+        test = tests[type_byte]
+        if test is not None:
+            if type(test) is not tuple or end - start < 6 or data[end - 1] != 0:
+                return False
+            raw = data[start + 5:end - 1]
+            if 0 in raw or not raw.isascii():
+                return False
+            text = raw.decode("ascii")
+            for pattern in test:
+                if pattern.search(text) is not None:
+                    return False
+        start = end
+    return True
+
+
 try:
-    from ._pg_scan_native import scan
+    from ._pg_scan_native import scan, texts_pass
 except ImportError:  # built without a C compiler
     scan = scan_python
+    texts_pass = texts_pass_python
     NATIVE = False
 else:
     NATIVE = True

@@ -69,8 +69,8 @@ class Frame:
     also a `Message`). `error` explains a `ProtocolError` frame.
     """
 
-    __slots__ = ("_fields", "alias", "data", "encrypted", "error", "from_client", "span",
-                 "spec", "type")
+    __slots__ = ("_fields", "_text", "_text_field", "alias", "data", "encrypted", "error",
+                 "from_client", "span", "spec", "type")
 
     def __init__(
         self,
@@ -92,6 +92,7 @@ class Frame:
         self.error = error
         self.encrypted = encrypted
         self._fields: dict[str, Any] | None = None
+        self._text_field: str | None = None  # the field `_text` holds (`field_text`)
 
     @property
     def fields(self) -> dict[str, Any]:
@@ -121,23 +122,22 @@ class Frame:
         return fields
 
     def field_text(self, name: str) -> str | None:
-        """The text form of one field, as regex filters see it; None when absent."""
-        if self._fields is None:
-            sole = self.spec.sole_text if self.spec is not None else None
-            if sole is not None and sole[0] == name:
-                # What decode() accepts without error: the header is right and the only NUL
-                # is the last byte; the text decoded as decode() and text_of() do. Anything
-                # else takes the full path (which reports the error).
-                data = self.data
-                end = len(data) - 1
-                if end >= 5 and data.find(0, 5) == end and \
-                        _typed_header(data) == (sole[1], end):
-                    text = data[5:end].decode("utf-8", "surrogateescape")
-                    return text if text.isascii() else _undecodable_escaped(text)
-        fields = self.fields
-        if name not in fields:
-            return None
-        return text_of(fields[name])
+        """The text form of one field, as regex filters see it; None when absent.
+
+        The last answer is kept: several faults filtering the same field (three Query
+        regexes, say) see one decoding, not one each."""
+        if self._text_field == name:
+            return self._text
+        text: str | None = None
+        sole = self.spec.sole_text if self._fields is None and self.spec is not None else None
+        if sole is not None and sole[0] == name:
+            text = sole_text(self.data, sole[1])
+        if text is None:
+            fields = self.fields
+            if name in fields:
+                text = text_of(fields[name])
+        self._text_field, self._text = name, text
+        return text
 
     def render(self, limits: Limits | None = None) -> str:
         """A one-line readable form, e.g. `Query(query=SELECT 1)`.
@@ -325,6 +325,18 @@ def text_of(value: Any) -> str:
     if isinstance(value, list | tuple):
         return _list_text(text_of(v) for v in value)
     return str(value)
+
+
+def sole_text(data: bytes, type_byte: int) -> str | None:
+    """The text of a frame whose only field is NUL-terminated text (`MessageSpec.sole_text`),
+    as `text_of` shows the decoded field, taken straight from its bytes; None unless the
+    frame is what decode() accepts without error (the header is right and the only NUL is
+    the last byte): the caller then decodes it in full, which reports the error."""
+    end = len(data) - 1
+    if end >= 5 and data.find(0, 5) == end and _typed_header(data) == (type_byte, end):
+        text = data[5:end].decode("utf-8", "surrogateescape")
+        return text if text.isascii() else _undecodable_escaped(text)
+    return None
 
 
 def _undecodable_escaped(text: str) -> str:

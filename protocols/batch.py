@@ -16,7 +16,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import ClassVar, overload
 
+from ._pg_scan import texts_pass
 from .base import Frame, MessageSpec
+
+__all__ = ["FrameBatch", "FrameRun", "Segment", "TypeTable", "any_of", "frames_of",
+           "texts_pass"]
 
 
 class TypeTable:
@@ -53,6 +57,16 @@ class TypeTable:
         return found
 
 
+def any_of(types: bytes, codes: bytes) -> bool:
+    """Whether any of the type bytes `types` is one of `codes`."""
+    if len(codes) == 1:
+        return codes in types
+    for code in codes:  # noqa: SIM110 (a loop beats any() on a generator here)
+        if code in types:
+            return True
+    return False
+
+
 class FrameRun:
     """Consecutive complete frames of one read, all of plain types (so no alias, no error).
 
@@ -79,13 +93,7 @@ class FrameRun:
 
     def may_contain(self, codes: bytes) -> bool:
         """Whether any frame's type byte is one of `codes`."""
-        if len(codes) == 1:
-            return codes in self.types
-        types = self.types
-        for code in codes:  # noqa: SIM110 (a loop beats any() on a generator here)
-            if code in types:
-                return True
-        return False
+        return any_of(self.types, codes)
 
     def payload(self) -> bytes:
         """The run's bytes, as forwarded."""

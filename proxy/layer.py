@@ -61,6 +61,9 @@ class WirefaultLayer(layer.Layer):
         session = runtime.protocol.new_session(runtime.max_frame)
         self._client_framer = session.client
         self._server_framer = session.server
+        self._feed_whole_client = getattr(session.client, "feed_whole", None)
+        self._feed_whole_server = getattr(session.server, "feed_whole", None)
+        """The framers' `feed_whole`, where they have one (`relay_read`'s usual read)."""
         self.rule_state = runtime.new_rule_state(context.client.peername)
         self.agent = self.rule_state.agent
         self.slot = RecorderSlot()
@@ -271,6 +274,28 @@ class WirefaultLayer(layer.Layer):
         no frame triggers anything, else the commands to carry out."""
         if self.dead or not self.relaying:
             return b""
+        if from_client:
+            feed_whole, lane = self._feed_whole_client, self.up
+        else:
+            feed_whole, lane = self._feed_whole_server, self.down
+        # The usual read: whole frames that no fault can act on, on a free lane the agent
+        # does not watch. Framed, counted and recorded without a batch; anything else (or a
+        # framer without `feed_whole`) goes the general way, which frames it afresh.
+        whole = feed_whole(data) if feed_whole is not None else None
+        if whole is not None and not (lane.slow or lane.queue):
+            agent = self.agent
+            if agent is None or not (agent.watch_client if from_client
+                                     else agent.watch_server):
+                types, ends, table = whole
+                if self.runtime.engine.passes_whole(data, types, ends, table, self.rule_state,
+                                                    from_client):
+                    if from_client:
+                        self.bytes_from_client += len(data)
+                    else:
+                        self.bytes_from_server += len(data)
+                    self.runtime.recorder.record_whole(self.slot, from_client, data, types,
+                                                       ends, table)
+                    return data
         return self._frame_and_judge(from_client, data)
 
     def _frame_and_judge(self, from_client: bool, data: bytes) -> bytes | list[commands.Command]:

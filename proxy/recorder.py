@@ -26,6 +26,7 @@ from operator import itemgetter
 
 from wirefault.protocols import Frame, FrameBatch, FrameRun, MessageSpec, TypeTable
 from wirefault.protocols.base import Limits, cut_fields, cut_payload, render_cut
+from wirefault.protocols.batch import any_of
 
 DEFAULT_LIMIT = 100_000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
@@ -183,10 +184,26 @@ class Recorder:
         number = slot.number if slot.epoch == self._epoch else self._number(slot)
         for segment in batch.segments:
             if type(segment) is FrameRun:
-                if not self._add_run(number, segment):
+                if not self._add_run(number, segment.from_client, segment.data, segment.start,
+                                     segment.stop, segment.types, segment.ends, segment.table):
                     self._add_run_frames(number, segment)
             else:
                 self._add_frame(number, segment)  # type: ignore[arg-type]
+        if self._rows_frames >= self._chunk_frames:
+            self._close_chunk()
+
+    def record_whole(self, slot: RecorderSlot, from_client: bool, data: bytes, types: bytes,
+                     ends: bytes, table: TypeTable) -> None:
+        """`record_batch` for a read `feed_whole` framed (whole frames of plain types only):
+        the same rows, with no batch made (a run when several frames, else the frame)."""
+        number = slot.number if slot.epoch == self._epoch else self._number(slot)
+        if len(types) > 1:
+            if not self._add_run(number, from_client, data, 0, len(data), types, ends, table):
+                self._add_run_frames(number, FrameRun(data, 0, len(data), types, ends, table,
+                                                      from_client))
+        else:
+            spec: MessageSpec = table.specs[types[0]]  # type: ignore[assignment]
+            self._add(number, from_client, spec.name, spec, data, 0, len(data))
         if self._rows_frames >= self._chunk_frames:
             self._close_chunk()
 
@@ -239,25 +256,23 @@ class Recorder:
         if self._rows_extra >= self._chunk_bytes:  # a cut copy holds more than a frame may
             self._close_chunk()
 
-    def _add_run(self, number: int, run: FrameRun) -> bool:
-        """Keeps `run` as one row; False when its frames must be kept one by one (large
-        frames, or a type the recorder leaves out)."""
-        count = run.count
-        start = run.start
-        size = run.stop - start
+    def _add_run(self, number: int, from_client: bool, data: bytes, start: int, stop: int,
+                 types: bytes, ends: bytes, table: TypeTable) -> bool:
+        """Keeps the run `data[start:stop]` (a `FrameRun`'s parts) as one row; False when
+        its frames must be kept one by one (large frames, or a type the recorder leaves
+        out)."""
+        count = len(types)
+        size = stop - start
         if size > count * KEEP_FRAME_BYTES:
             return False
-        table = run.table
         skipped = table.codes(SKIPPED_TYPES)  # cached by the table
-        if skipped and run.may_contain(skipped):
+        if skipped and (skipped in types if len(skipped) == 1 else any_of(types, skipped)):
             return False
-        data = run.data
         if len(data) > 2 * size:  # don't pin the rest of a large read
-            blob, base = data[start:run.stop], start
+            blob, base = data[start:stop], start
         else:
             blob, base = data, 0
-        self._rows.append((number, run.from_client,
-                           (table.index, base, start, run.types, run.ends), blob))
+        self._rows.append((number, from_client, (table.index, base, start, types, ends), blob))
         self._count += count
         self._rows_frames += count
         self._rows_extra += RUN_BYTES

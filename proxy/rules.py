@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from wirefault.protocols import Frame, FrameBatch, FrameRun, ProtocolSpec
-from wirefault.protocols.base import BACKEND, FRONTEND
+from wirefault.protocols.base import BACKEND, FRONTEND, MessageSpec
+from wirefault.protocols.batch import TypeTable, texts_pass
 
 from . import dsl, faults
 from .faults import (
@@ -54,6 +55,10 @@ FIRED_LOG_SIZE = 10_000
 _FILTER, _DERIVED, _MATCH, _CONTAINS, _AFTER, _PROBABILITY = range(6)
 
 Step = tuple[int, object, object]
+_NOTHING_GATED: tuple = ()
+"""`passes_whole`: no frame of the table's types has a fault to walk."""
+_UNTESTABLE: tuple = (False,)
+"""`passes_whole`: every frame must be judged by `first_fault`."""
 
 MAX_CANDIDATE_KEYS = 512
 """(direction, type, alias) keys `decide` remembers the candidate faults of."""
@@ -207,6 +212,8 @@ class RuleEngine:
         self._live: list[InstalledFault] = []
         self._candidates: dict[tuple[bool, str, str | None], list[InstalledFault]] = {}
         """`_candidates_for`'s answers, until what is in force changes."""
+        self._whole_tests: dict[tuple[bool, int], tuple] = {}
+        """`_whole_tests_for`'s answers, until what is in force changes."""
         if initial:
             self.set_rule_text(initial)
 
@@ -298,6 +305,7 @@ class RuleEngine:
         """Recompute what the per-read path consults: the live faults and the gates."""
         self._live = [f for f in self.faults if not f.spent]
         self._candidates.clear()
+        self._whole_tests.clear()
         self._killall_on = any(f.shared.killall_fired for f in self._live)
         self._gates = (self._gate_for(True), self._gate_for(False))
 
@@ -334,6 +342,79 @@ class RuleEngine:
 
     # -- judging ---------------------------------------------------------------------------
 
+    def passes_whole(self, data: bytes, types: bytes, ends: bytes, table: TypeTable,
+                     conn: ConnectionState, from_client: bool) -> bool:
+        """`first_fault` for a read of whole frames of plain types (`types` and `ends` as
+        `scan` gives them, named by `table`; plain types have no alias) when no fault can
+        act on any of them: True, with the frames counted. False, with nothing counted,
+        when one may: the caller then judges the read with `first_fault`.
+
+        Exact without deciding each frame: a frame whose type is outside the direction's
+        gate has no candidate fault, so `decide` would walk nothing and change nothing;
+        one inside it passes when its `_sole_text_test` finds nothing in its text."""
+        if self._live:
+            if self._killall_on:  # set when a killall fires, with no _changed(): ask here
+                return False
+            key = (from_client, table.index)
+            tests = self._whole_tests.get(key)
+            if tests is None:
+                tests = self._whole_tests_for(key, table)
+            if tests is not _NOTHING_GATED and (
+                    tests is _UNTESTABLE or not texts_pass(data, types, ends, tests)):
+                return False
+        if from_client:
+            conn.client_frames_seen += len(types)
+        else:
+            conn.server_frames_seen += len(types)
+        return True
+
+    def _whole_tests_for(self, key: tuple[bool, int], table: TypeTable) -> tuple:
+        """`texts_pass`'s tests for a direction's frames named by `table`: by type byte,
+        None outside the gate, the `_sole_text_test` patterns inside it (False where there
+        are none); `_NOTHING_GATED` when the gate holds none of the table's types, and
+        `_UNTESTABLE` when every frame needs `first_fault` (a fault may act on any type)."""
+        from_client = key[0]
+        gate = self._gates[0 if from_client else 1]
+        if gate is None:
+            tests: tuple = _UNTESTABLE
+        else:
+            codes = table.codes(gate)
+            if not codes:
+                tests = _NOTHING_GATED
+            else:
+                by_code: list[object] = [None] * 256
+                for code in codes:
+                    spec: MessageSpec = table.specs[code]  # type: ignore[assignment]
+                    patterns = self._sole_text_test((from_client, spec.name), spec)
+                    by_code[code] = False if patterns is None else patterns
+                tests = tuple(by_code)
+        self._whole_tests[key] = tests
+        return tests
+
+    def _sole_text_test(self, key: tuple[bool, str], spec: MessageSpec
+                        ) -> tuple[UserPattern, ...] | None:
+        """When every fault that may act on frames of this direction and type starts with
+        a filter on the type's sole text field (`MessageSpec.sole_text`) alone, and acts on
+        every connection (no where(), no connectionProbability()): their patterns. A frame
+        none of them finds in its text is forwarded by `decide` with no side effect (each
+        fault stops at its filter; a fault's per-connection state, made when first walked,
+        starts the same whenever it is made). None when any fault needs more."""
+        from_client, type_name = key
+        patterns: tuple[UserPattern, ...] | None = ()
+        sole = spec.sole_text
+        candidates = self._candidates.get((from_client, type_name, None))
+        if candidates is None:
+            candidates = self._candidates_for((from_client, type_name, None))
+        for f in candidates:
+            kind, filtered, fields = f.steps[0] if f.steps else (None, None, None)
+            if (sole is None or f.connection_level or kind != _FILTER
+                    or filtered != type_name or not fields or len(fields) != 1  # type: ignore[arg-type]
+                    or fields[0][0] != sole[0]):  # type: ignore[index]
+                patterns = None
+                break
+            patterns += (fields[0][1],)  # type: ignore[index,operator]
+        return patterns
+
     def first_fault(self, batch: FrameBatch, conn: ConnectionState, from_client: bool,
                     observe: bool = False) -> tuple[int, Judgement | bytes] | None:
         """Decides a read's frames in order: the index of the first one a fault acts on,
@@ -358,12 +439,27 @@ class RuleEngine:
         index = 0
         for segment in batch.segments:
             if type(segment) is FrameRun:
-                if gate is not None and not segment.may_contain(segment.table.codes(gate)):
-                    if from_client:
-                        conn.client_frames_seen += segment.count
-                    else:
-                        conn.server_frames_seen += segment.count
-                    index += segment.count
+                if gate is not None:
+                    codes = segment.table.codes(gate)
+                    if not segment.may_contain(codes):
+                        if from_client:
+                            conn.client_frames_seen += segment.count
+                        else:
+                            conn.server_frames_seen += segment.count
+                        index += segment.count
+                        continue
+                    # Only a frame of a gated type can have a fault to walk (a run holds no
+                    # alias): the others are counted, not decided.
+                    for frame, code in zip(segment.frames(), segment.types, strict=True):
+                        if from_client:
+                            conn.client_frames_seen += 1
+                        else:
+                            conn.server_frames_seen += 1
+                        if code in codes:
+                            judgement = decide(frame, conn)
+                            if judgement is not FORWARD:
+                                return index, judgement  # type: ignore[return-value]
+                        index += 1
                     continue
                 frames: list[Frame] = segment.frames()
             else:

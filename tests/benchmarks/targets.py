@@ -50,7 +50,7 @@ server or client types with no field, raw bytes of every client frame, a where()
 class Target:
     name: str
     kind: str
-    """direct, mitmdump, wirefault, serve, haproxy or toxiproxy."""
+    """direct, mitmdump, wirefault, serve, floor, haproxy or toxiproxy."""
     rule: str | None = None
     faults: tuple[str, ...] = ()
     """wirefault: commands sent through its FIFO once it listens (after `rule`)."""
@@ -92,6 +92,9 @@ TARGETS: tuple[Target, ...] = (
            workloads=("pgbench-1", "pgbench-8", "copy-out", "copy-in"),
            description=f"wirefault with {DELAY0_RULE}: a fault that fires on every "
                        f"transaction"),
+    Target("python-floor", "floor", workloads=("pgbench-1", "pgbench-8"),
+           description="a bare Python relay on uvloop transports, nothing per read but the "
+                       "write (floor_relay.py): what any relay on wirefault's runtime pays"),
     Target("haproxy", "haproxy",
            description="HAProxy mode tcp, one thread (the relay reference)"),
     Target("toxiproxy", "toxiproxy",
@@ -143,7 +146,8 @@ def _log_tail(path: str, chars: int = 2000) -> str:
 
 
 @contextlib.contextmanager
-def _process(command: list[str], port: int, workdir: str, env: dict[str, str] | None = None
+def _process(command: list[str], port: int, workdir: str, env: dict[str, str] | None = None,
+             start_timeout: float = 30.0, stop_timeout: float = 10.0
              ) -> Iterator[subprocess.Popen]:
     """Run `command` in its own session until it listens on `port`; stop it on exit."""
     log_path = os.path.join(workdir, "target.log")
@@ -153,13 +157,13 @@ def _process(command: list[str], port: int, workdir: str, env: dict[str, str] | 
     _running[process.pid] = process
     try:
         try:
-            wait_for_port(port, process, timeout=30.0)
+            wait_for_port(port, process, timeout=start_timeout)
         except (RuntimeError, TimeoutError) as exc:
             raise RuntimeError(f"{command[0]} did not start: {exc}\n{_log_tail(log_path)}") \
                 from None
         yield process
     finally:
-        _stop(process)
+        _stop(process, stop_timeout)
 
 
 def _mitmdump_command(port: int, upstream: int) -> list[str]:
@@ -311,10 +315,35 @@ def haproxy_version(binary: str) -> str:
     return first.split(" - ", 1)[0]  # drop the project's web address that follows
 
 
+def target_command(target: Target, port: int, upstream: int, workdir: str,
+                   fifo: str | None = None, haproxy: str | None = None) -> list[str]:
+    """The command line that runs `target` on `port` in front of `upstream` (every kind
+    but direct and toxiproxy, which is configured through its API once it runs)."""
+    if target.kind == "mitmdump":
+        return _mitmdump_command(port, upstream)
+    if target.kind == "wirefault":
+        return _wirefault_command(port, upstream, target.rule or ALLOW_RULE, target.protocol,
+                                  fifo)
+    if target.kind == "serve":
+        return _serve_command(port, upstream, target.rule or ALLOW_RULE, workdir)
+    if target.kind == "floor":
+        return [sys.executable, str(Path(__file__).with_name("floor_relay.py")), str(port),
+                str(upstream)]
+    if target.kind == "haproxy":
+        if haproxy is None:
+            raise RuntimeError("haproxy is not installed")
+        config = os.path.join(workdir, "haproxy.cfg")
+        with open(config, "w") as f:
+            f.write(HAPROXY_CONFIG.format(port=port, upstream=upstream))
+        return [haproxy, "-db", "-f", config]
+    raise ValueError(f"unknown target kind {target.kind}")
+
+
 @contextlib.contextmanager
 def started(target: Target, pg: PostgresServer, haproxy: str | None = None,
-            toxiproxy: str | None = None) -> Iterator[Listener]:
-    """`target` listening in front of `pg` until the block ends."""
+            toxiproxy: str | None = None, under: tuple[str, ...] = ()) -> Iterator[Listener]:
+    """`target` listening in front of `pg` until the block ends; with `under`, its command
+    runs under that one (a profiler: starting and stopping get minutes, not seconds)."""
     if target.kind == "direct":
         yield Listener(target, pg.port, None)
         return
@@ -333,23 +362,10 @@ def started(target: Target, pg: PostgresServer, haproxy: str | None = None,
                 wait_for_port(port, process, timeout=30.0)
                 yield Listener(target, port, process.pid)
             return
-        if target.kind == "mitmdump":
-            command = _mitmdump_command(port, pg.port)
-        elif target.kind == "wirefault":
-            command = _wirefault_command(port, pg.port, target.rule or ALLOW_RULE,
-                                         target.protocol, fifo)
-        elif target.kind == "serve":
-            command = _serve_command(port, pg.port, target.rule or ALLOW_RULE, workdir)
-        elif target.kind == "haproxy":
-            if haproxy is None:
-                raise RuntimeError("haproxy is not installed")
-            config = os.path.join(workdir, "haproxy.cfg")
-            with open(config, "w") as f:
-                f.write(HAPROXY_CONFIG.format(port=port, upstream=pg.port))
-            command = [haproxy, "-db", "-f", config]
-        else:
-            raise ValueError(f"unknown target kind {target.kind}")
-        with _process(command, port, workdir) as process:
+        command = [*under, *target_command(target, port, pg.port, workdir, fifo, haproxy)]
+        slow = 10.0 if under else 1.0
+        with _process(command, port, workdir, start_timeout=30.0 * slow,
+                      stop_timeout=10.0 * slow) as process:
             if fifo:
                 _arm(fifo, target.faults, expected=1 + len(target.faults))
             yield Listener(target, port, process.pid)

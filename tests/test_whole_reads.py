@@ -1,0 +1,207 @@
+"""The layer's usual read: whole frames no fault can act on, framed, counted and recorded
+without a batch (`feed_whole`, `RuleEngine.passes_whole`, `Recorder.record_whole`).
+
+Each piece is held to the path it shortcuts: the same decisions and counters as frame-by-
+frame judging, the same dump as `record_batch`, and the native `texts_pass` the same as
+its Python reference."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_frame_batch import RULES, SEVERAL_RULES, STARTUP, _effective, _frame_by_frame
+from test_postgres_protocol import CLIENT_TYPED, SERVER_TYPED, cut, message
+
+from wirefault.protocols import _pg_scan
+from wirefault.protocols.postgres import PROTOCOL
+from wirefault.proxy.faults import ConnectionState
+from wirefault.proxy.recorder import Recorder, RecorderSlot
+from wirefault.proxy.rules import RuleEngine
+
+M = PROTOCOL.messages
+TEXTS = ["SELECT 1", "select 2", "COMMIT", "BEGIN", "", "NEVER", "a\u00e9b", "SELECT\u00ff"]
+"""Query and CommandComplete texts, some that the rules below find, one not ASCII."""
+TEXT_RULES = [
+    'conn.onQuery(query="^SELECT").kill()',
+    'conn.onQuery(query="^NEVER").kill()',
+    'conn.onQuery(query="(?i)commit").after(1).kill()',
+    'conn.onQuery(query="b").delay(5)',
+    'conn.onQuery(query="^$").reset()',
+    'conn.onCommandComplete(command="^COMMIT").kill()',
+    'conn.where(application_name="x").onQuery(query="^SELECT").kill()',
+    'conn.connectionProbability(0.5).onQuery(query="^BEGIN").kill()',
+    'conn.onQuery(query="^BEGIN").times(1).killall()',
+    'conn.onQuery().kill()',
+]
+
+
+def _text_frames(name: str, field: str) -> st.SearchStrategy[bytes]:
+    return st.sampled_from(TEXTS).map(lambda text: M[name].encode(**{field: text}))
+
+
+@st.composite
+def conversations(draw: st.DrawFn) -> list[tuple[bool, bytes]]:
+    """Both directions with the texts above among random frames, cut into reads and
+    interleaved."""
+    client_frames = st.one_of(message(CLIENT_TYPED).map(lambda m: m[1]),
+                              _text_frames("Query", "query"))
+    server_frames = st.one_of(message(SERVER_TYPED).map(lambda m: m[1]),
+                              _text_frames("CommandComplete", "command"))
+    client = STARTUP + b"".join(draw(st.lists(client_frames, max_size=12)))
+    server = b"".join(draw(st.lists(server_frames, max_size=15)))
+    # Often whole frames per read (the case under test), sometimes cut anywhere.
+    client_reads = _reads(draw, client)
+    server_reads = _reads(draw, server)
+    order = draw(st.permutations([True] * len(client_reads) + [False] * len(server_reads)))
+    queues = {True: iter(client_reads), False: iter(server_reads)}
+    return [(from_client, next(queues[from_client])) for from_client in order]
+
+
+def _reads(draw: st.DrawFn, stream: bytes) -> list[bytes]:
+    if draw(st.booleans()):
+        return cut(stream, draw(st.lists(st.integers(0, 5000), max_size=6)))
+    session = PROTOCOL.new_session()  # frame boundaries: one or a few frames per read
+    framer = session.client if stream.startswith(STARTUP) else session.server
+    frames = [f.data for f in framer.feed(stream)]
+    reads, taken = [], 0
+    while taken < len(frames):
+        size = draw(st.integers(1, 3))
+        reads.append(b"".join(frames[taken:taken + size]))
+        taken += size
+    return reads
+
+
+def _judge_read(engine: RuleEngine, session, state: ConnectionState, from_client: bool,
+                data: bytes):
+    """What the layer does with a read: the usual way when it can, else the batch's."""
+    framer = session.client if from_client else session.server
+    whole = framer.feed_whole(data)
+    if whole is not None:
+        types, ends, table = whole
+        if engine.passes_whole(data, types, ends, table, state, from_client):
+            return None
+    return engine.first_fault(framer.feed_batch(data), state, from_client)
+
+
+def _engines(rules: list[str]) -> tuple[RuleEngine, RuleEngine]:
+    engines = (RuleEngine(PROTOCOL), RuleEngine(PROTOCOL))
+    for engine in engines:
+        for number, rule in enumerate(rules):
+            engine.set_rule_text(f'faults.add("f{number}"){rule.removeprefix("conn")}')
+    return engines
+
+
+@settings(max_examples=400, deadline=None)
+@given(rules=st.lists(st.sampled_from(TEXT_RULES + RULES + SEVERAL_RULES), min_size=0,
+                      max_size=4), reads=conversations())
+def test_whole_reads_decide_exactly_as_frame_by_frame(rules, reads):
+    fast, reference = _engines(rules)
+    fast_session, reference_session = PROTOCOL.new_session(), PROTOCOL.new_session()
+    fast_state, reference_state = ConnectionState(), ConnectionState()
+    for from_client, data in reads:
+        got = _judge_read(fast, fast_session, fast_state, from_client, data)
+        framer = reference_session.client if from_client else reference_session.server
+        expected = _frame_by_frame(reference, framer.feed_batch(data), reference_state,
+                                   from_client)
+        assert got == expected
+        assert _effective(fast_state) == _effective(reference_state)
+        assert [f.shared for f in fast.faults] == [f.shared for f in reference.faults]
+        if got is not None:  # the layer stops here: the rest is queued, judged in turn
+            return
+
+
+def test_a_killall_that_fired_stops_whole_reads_on_every_connection():
+    engine = RuleEngine(PROTOCOL, 'conn.onQuery(query="^BEGIN").killall()')
+    session, other = PROTOCOL.new_session(), PROTOCOL.new_session()
+    for s in (session, other):
+        s.client.feed(STARTUP)
+    row = M["DataRow"].encode(values=[b"1"])
+    whole = other.server.feed_whole(row)
+    assert whole is not None
+    assert engine.passes_whole(row, *whole, ConnectionState(), False)
+    begin = M["Query"].encode(query="BEGIN")
+    assert engine.first_fault(session.client.feed_batch(begin), ConnectionState(), True)
+    assert not engine.passes_whole(row, *whole, ConnectionState(), False)
+
+
+def test_feed_whole_takes_only_reads_of_whole_plain_frames():
+    session = PROTOCOL.new_session()
+    assert session.client.feed_whole(STARTUP) is None  # not typed yet
+    session.client.feed(STARTUP)
+    query = M["Query"].encode(query="SELECT 1")
+    types, ends, table = session.client.feed_whole(query + query)
+    assert types == b"QQ" and table.specs[types[0]].name == "Query"
+    assert memoryview(ends).cast("q").tolist() == [len(query), 2 * len(query)]
+    assert session.client.feed_whole(query[:-1]) is None  # a partial frame
+    assert session.client.feed_whole(bytearray(query)) is None
+    session.client.feed(query[:3])  # something held: the general way
+    assert session.client.feed_whole(query) is None
+    assert session.client.buffered == 3
+
+
+@settings(max_examples=200, deadline=None)
+@given(reads=conversations(), limit=st.sampled_from([3, 40, 1000]))
+def test_recorded_whole_reads_dump_as_their_batches(reads, limit):
+    by_whole, by_batch = Recorder(limit=limit), Recorder(limit=limit)
+    slots = (RecorderSlot(), RecorderSlot())
+    sessions = (PROTOCOL.new_session(), PROTOCOL.new_session())
+    for from_client, data in reads:
+        whole_framer = sessions[0].client if from_client else sessions[0].server
+        batch_framer = sessions[1].client if from_client else sessions[1].server
+        whole = whole_framer.feed_whole(data)
+        if whole is not None:
+            by_whole.record_whole(slots[0], from_client, data, *whole)
+        else:
+            by_whole.record_batch(slots[0], whole_framer.feed_batch(data))
+        by_batch.record_batch(slots[1], batch_framer.feed_batch(data))
+    assert by_whole.dump() == by_batch.dump()
+    assert len(by_whole) == len(by_batch)
+
+
+# -- texts_pass: native and reference agree ----------------------------------------------
+
+class _Finds:
+    """A pattern stand-in: finds its needle."""
+
+    def __init__(self, needle: str) -> None:
+        self.needle = needle
+
+    def search(self, text: str) -> object:
+        return True if self.needle in text else None
+
+
+@st.composite
+def texts_inputs(draw: st.DrawFn):
+    pieces = draw(st.lists(st.tuples(st.sampled_from(b"QCDX"),
+                                     st.binary(max_size=12)), max_size=6))
+    data, types, ends = b"", b"", []
+    for type_byte, body in pieces:
+        frame = bytes([type_byte]) + (len(body) + 4).to_bytes(4, "big") + body
+        data += frame
+        types += bytes([type_byte])
+        ends.append(len(data))
+    tests = [None] * 256
+    for type_byte in b"QCD":
+        tests[type_byte] = draw(st.sampled_from(
+            [None, False, (), (_Finds("a"),), (_Finds("\x00"), _Finds("b"))]))
+    from array import array
+    return data, types, array("q", ends).tobytes(), tuple(tests)
+
+
+@pytest.mark.skipif(not _pg_scan.NATIVE, reason="built without a C compiler")
+@settings(max_examples=500, deadline=None)
+@given(inputs=texts_inputs())
+def test_native_texts_pass_agrees_with_the_reference(inputs):
+    assert _pg_scan.texts_pass(*inputs) is _pg_scan.texts_pass_python(*inputs)
+
+
+@pytest.mark.skipif(not _pg_scan.NATIVE, reason="built without a C compiler")
+def test_native_texts_pass_refuses_what_is_not_a_scan():
+    data = M["Query"].encode(query="x")
+    from array import array
+    ends = array("q", [len(data) + 1]).tobytes()
+    with pytest.raises(ValueError, match="ends outside data"):
+        _pg_scan.texts_pass(data, b"Q", ends, (None,) * 256)
+    with pytest.raises(TypeError, match="tuple of 256"):
+        _pg_scan.texts_pass(data, b"Q", ends, (None,) * 3)
