@@ -5,9 +5,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo bench reliability lint postgres venv clean
+.PHONY: test demo bench instructions reliability lint postgres venv clean
 
-$(STAMP): pyproject.toml protocols/_pg_scan.c
+$(STAMP): pyproject.toml protocols/_pg_scan.c protocols/_pg_wire.h proxy/_whole_read.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -29,6 +29,11 @@ demo: venv postgres
 # (scripts/build-toxiproxy.sh SOURCE_DIR OUTPUT_BINARY builds one from its source).
 bench: venv postgres
 	$(PY) tests/benchmarks/run.py $(if $(TOXIPROXY),--toxiproxy $(TOXIPROXY))
+
+# Instructions per transaction of the Python proxies under callgrind (needs valgrind): the
+# hot path's cost counted, steady on a busy machine (tests/benchmarks/instructions.py).
+instructions: venv postgres
+	$(PY) tests/benchmarks/instructions.py
 
 reliability: venv postgres
 	$(PY) tests/reliability/run.py

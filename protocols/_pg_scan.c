@@ -25,9 +25,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline uint32_t read_length(const unsigned char *at) {
-    return ((uint32_t)at[0] << 24) | ((uint32_t)at[1] << 16) | ((uint32_t)at[2] << 8) | at[3];
-}
+#include "_pg_wire.h"
 
 /* The length limit as a uint32: any Python int fits, because the framer's limit is
  * whatever the user configured, minus one, and must never make the walk raise. A negative
@@ -47,33 +45,6 @@ static int read_limit(PyObject *obj, uint32_t *limit) {
         *limit = (uint32_t)value;
     }
     return 0;
-}
-
-/* Counts the messages from pos (when out_types is NULL) or records them. */
-static Py_ssize_t walk(const unsigned char *buf, Py_ssize_t size, Py_ssize_t pos,
-                       const unsigned char *plain, uint32_t max_length,
-                       char *out_types, int64_t *out_ends, Py_ssize_t *stop) {
-    Py_ssize_t count = 0;
-    while (size - pos >= 5) {
-        unsigned char type_byte = buf[pos];
-        uint32_t length = read_length(buf + pos + 1);
-        if (!plain[type_byte] || length < 4 || length > max_length) {
-            break;
-        }
-        Py_ssize_t end = pos + 1 + (Py_ssize_t)length;
-        if (end > size) {
-            break;
-        }
-        if (out_types != NULL) {
-            int64_t end64 = (int64_t)end;
-            out_types[count] = (char)type_byte;
-            memcpy(out_ends + count, &end64, sizeof end64);
-        }
-        count++;
-        pos = end;
-    }
-    *stop = pos;
-    return count;
 }
 
 static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
@@ -172,62 +143,13 @@ static PyObject *texts_pass(PyObject *module, PyObject *const *args, Py_ssize_t 
             return NULL;
         }
     }
-    const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(data);
-    const unsigned char *type_bytes = (const unsigned char *)PyBytes_AS_STRING(types);
-    const char *end_bytes = PyBytes_AS_STRING(ends);
-    Py_ssize_t start = 0;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        int64_t end64;
-        memcpy(&end64, end_bytes + i * (Py_ssize_t)sizeof end64, sizeof end64);
-        Py_ssize_t end = (Py_ssize_t)end64;
-        if (end < start || end > size) {
-            PyErr_SetString(PyExc_ValueError, "texts_pass: ends outside data");
-            return NULL;
-        }
-        PyObject *test = PyTuple_GET_ITEM(tests, type_bytes[i]);
-        if (test == Py_None) {
-            start = end;
-            continue;
-        }
-        if (!PyTuple_CheckExact(test)) {
-            Py_RETURN_FALSE;
-        }
-        /* After the 5-byte header, the body is the text then one NUL. */
-        Py_ssize_t text_start = start + 5, text_end = end - 1;
-        if (end - start < 6 || buf[text_end] != 0) {
-            Py_RETURN_FALSE;
-        }
-        for (Py_ssize_t k = text_start; k < text_end; k++) {
-            if (buf[k] == 0 || buf[k] >= 0x80) {
-                Py_RETURN_FALSE;
-            }
-        }
-        Py_ssize_t patterns = PyTuple_GET_SIZE(test);
-        if (patterns) {
-            PyObject *text = PyUnicode_FromStringAndSize((const char *)buf + text_start,
-                                                         text_end - text_start);
-            if (text == NULL) {
-                return NULL;
-            }
-            for (Py_ssize_t p = 0; p < patterns; p++) {
-                PyObject *found = PyObject_CallMethodOneArg(PyTuple_GET_ITEM(test, p),
-                                                            search_name, text);
-                if (found == NULL) {
-                    Py_DECREF(text);
-                    return NULL;
-                }
-                int hit = found != Py_None;
-                Py_DECREF(found);
-                if (hit) {
-                    Py_DECREF(text);
-                    Py_RETURN_FALSE;
-                }
-            }
-            Py_DECREF(text);
-        }
-        start = end;
+    int passed = texts_pass_walk((const unsigned char *)PyBytes_AS_STRING(data), size,
+                                 (const unsigned char *)PyBytes_AS_STRING(types),
+                                 PyBytes_AS_STRING(ends), count, tests, search_name);
+    if (passed < 0) {
+        return NULL;
     }
-    Py_RETURN_TRUE;
+    return PyBool_FromLong(passed);
 }
 
 static PyMethodDef methods[] = {

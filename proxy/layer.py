@@ -45,6 +45,7 @@ from .recorder import RecorderSlot
 from .relay_io import EXECUTED, RelayIO, ResetConnections, SendCancelRequest, SetReading
 from .rules import CONN_FAULT_NAME, Judgement
 from .runtime import ProxyRuntime
+from .whole_read import native_whole_reader
 
 logger = logging.getLogger("wirefault")
 
@@ -101,6 +102,10 @@ class WirefaultLayer(layer.Layer):
         self.flow = (
             tcp.TCPFlow(context.client, context.server, True) if runtime.make_flows else None
         )
+        self._native_client = native_whole_reader(self, True)
+        self._native_server = native_whole_reader(self, False)
+        """The usual read in native code (`relay_read`), where it was built; they refer to
+        this layer, so `_die` lets them go."""
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -262,7 +267,7 @@ class WirefaultLayer(layer.Layer):
             return
         if self.flow:
             yield from self._fire_message_hook(from_client, data)
-        out = self._frame_and_judge(from_client, data)
+        out = self.relay_read(from_client, data)
         if type(out) is bytes:
             if out:
                 yield commands.SendData(self._destination(from_client), out)
@@ -272,6 +277,11 @@ class WirefaultLayer(layer.Layer):
     def relay_read(self, from_client: bool, data: bytes) -> bytes | list[commands.Command]:
         """The fast path's entry for one read: the bytes to forward to the other side when
         no frame triggers anything, else the commands to carry out."""
+        native = self._native_client if from_client else self._native_server
+        if native is not None:
+            out = native(data)
+            if out is not None:
+                return out
         if self.dead or not self.relaying:
             return b""
         if from_client:
@@ -667,6 +677,7 @@ class WirefaultLayer(layer.Layer):
 
     def _die(self) -> None:
         self.dead = True
+        self._native_client = self._native_server = None
         self.up.clear()
         self.down.clear()
 

@@ -55,9 +55,9 @@ FIRED_LOG_SIZE = 10_000
 _FILTER, _DERIVED, _MATCH, _CONTAINS, _AFTER, _PROBABILITY = range(6)
 
 Step = tuple[int, object, object]
-_NOTHING_GATED: tuple = ()
+NOTHING_GATED: tuple = ()
 """`passes_whole`: no frame of the table's types has a fault to walk."""
-_UNTESTABLE: tuple = (False,)
+UNTESTABLE: tuple = (False,)
 """`passes_whole`: every frame must be judged by `first_fault`."""
 
 MAX_CANDIDATE_KEYS = 512
@@ -359,8 +359,8 @@ class RuleEngine:
             tests = self._whole_tests.get(key)
             if tests is None:
                 tests = self._whole_tests_for(key, table)
-            if tests is not _NOTHING_GATED and (
-                    tests is _UNTESTABLE or not texts_pass(data, types, ends, tests)):
+            if tests is not NOTHING_GATED and (
+                    tests is UNTESTABLE or not texts_pass(data, types, ends, tests)):
                 return False
         if from_client:
             conn.client_frames_seen += len(types)
@@ -371,16 +371,16 @@ class RuleEngine:
     def _whole_tests_for(self, key: tuple[bool, int], table: TypeTable) -> tuple:
         """`texts_pass`'s tests for a direction's frames named by `table`: by type byte,
         None outside the gate, the `_sole_text_test` patterns inside it (False where there
-        are none); `_NOTHING_GATED` when the gate holds none of the table's types, and
-        `_UNTESTABLE` when every frame needs `first_fault` (a fault may act on any type)."""
+        are none); `NOTHING_GATED` when the gate holds none of the table's types, and
+        `UNTESTABLE` when every frame needs `first_fault` (a fault may act on any type)."""
         from_client = key[0]
         gate = self._gates[0 if from_client else 1]
         if gate is None:
-            tests: tuple = _UNTESTABLE
+            tests: tuple = UNTESTABLE
         else:
             codes = table.codes(gate)
             if not codes:
-                tests = _NOTHING_GATED
+                tests = NOTHING_GATED
             else:
                 by_code: list[object] = [None] * 256
                 for code in codes:

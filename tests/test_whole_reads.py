@@ -10,11 +10,13 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from layer_driver import LayerDriver
 from test_frame_batch import RULES, SEVERAL_RULES, STARTUP, _effective, _frame_by_frame
 from test_postgres_protocol import CLIENT_TYPED, SERVER_TYPED, cut, message
 
 from wirefault.protocols import _pg_scan
 from wirefault.protocols.postgres import PROTOCOL
+from wirefault.proxy import whole_read
 from wirefault.proxy.faults import ConnectionState
 from wirefault.proxy.recorder import Recorder, RecorderSlot
 from wirefault.proxy.rules import RuleEngine
@@ -205,3 +207,39 @@ def test_native_texts_pass_refuses_what_is_not_a_scan():
         _pg_scan.texts_pass(data, b"Q", ends, (None,) * 256)
     with pytest.raises(TypeError, match="tuple of 256"):
         _pg_scan.texts_pass(data, b"Q", ends, (None,) * 3)
+
+
+# -- the native usual read against the Python one, through real layers ---------------------
+
+NATIVE_RULES = TEXT_RULES + RULES[:8] + [
+    "conn.delay(5)",  # every frame through the lane's queue: slow lanes
+    'conn.onParse(query="^NEVER").kill()',  # the agent watches the client
+]
+
+
+@pytest.mark.skipif(not whole_read.NATIVE, reason="built without a C compiler")
+@settings(max_examples=150, deadline=None)
+@given(rules=st.lists(st.sampled_from(NATIVE_RULES), max_size=3), reads=conversations(),
+       limit=st.sampled_from([5, 100_000]))
+def test_native_whole_reads_do_what_the_python_path_does(rules, reads, limit):
+    drivers = [LayerDriver("postgres", limit=limit) for _ in range(2)]
+    for driver in drivers:
+        for number, rule in enumerate(rules):
+            driver.runtime.engine.set_rule_text(
+                f'faults.add("f{number}"){rule.removeprefix("conn")}')
+    python = drivers[1].layer
+    assert python._native_client is not None  # the native reader is on by default
+    python._native_client = python._native_server = None
+    for from_client, data in reads:
+        outs = [driver.from_client(data) if from_client else driver.from_server(data)
+                for driver in drivers]
+        assert [_summary(out) for out in outs[0:1]] == [_summary(out) for out in outs[1:]]
+        native, reference = (d.layer for d in drivers)
+        assert (native.bytes_from_client, native.bytes_from_server) == \
+            (reference.bytes_from_client, reference.bytes_from_server)
+        assert _effective(native.rule_state) == _effective(reference.rule_state)
+    assert drivers[0].runtime.recorder.dump() == drivers[1].runtime.recorder.dump()
+
+
+def _summary(out: list) -> list:
+    return [(type(c).__name__, getattr(c, "data", None)) for c in out]
