@@ -38,7 +38,7 @@ typedef struct {
     PyObject *layer, *lane, *agent, *framer, *engine, *recorder, *slot, *conn;
     PyObject *specs;      /* the table's 256 specs */
     PyObject *plain;      /* bytes(256) */
-    PyObject *key;        /* (from_client, table.index): engine._whole_tests's key */
+    PyObject *key;        /* engine.whole_tests_key(table, from_client) */
     PyObject *table_index;
     PyObject *untestable, *nothing_gated;
     int from_client;
@@ -396,7 +396,8 @@ static int reader_init(WholeReader *self, PyObject *args, PyObject *kwargs) {
     }
     self->max_length = overflow > 0 || limit > (long long)UINT32_MAX ? UINT32_MAX
                        : (overflow < 0 || limit < 0) ? 0 : (uint32_t)limit;
-    PyObject *key = Py_BuildValue("(OO)", from_client ? Py_True : Py_False, index);
+    PyObject *key = PyObject_CallMethod(engine, "whole_tests_key", "OO", table,
+                                        from_client ? Py_True : Py_False);
     if (key == NULL) {
         Py_DECREF(specs);
         Py_DECREF(plain);

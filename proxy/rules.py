@@ -212,8 +212,9 @@ class RuleEngine:
         self._live: list[InstalledFault] = []
         self._candidates: dict[tuple[bool, str, str | None], list[InstalledFault]] = {}
         """`_candidates_for`'s answers, until what is in force changes."""
-        self._whole_tests: dict[tuple[bool, int], tuple] = {}
-        """`_whole_tests_for`'s answers, until what is in force changes."""
+        self._whole_tests: dict[int, tuple] = {}
+        """`_whole_tests_for`'s answers by `whole_tests_key`, until what is in force
+        changes."""
         if initial:
             self.set_rule_text(initial)
 
@@ -342,6 +343,11 @@ class RuleEngine:
 
     # -- judging ---------------------------------------------------------------------------
 
+    @staticmethod
+    def whole_tests_key(table: TypeTable, from_client: bool) -> int:
+        """The key of `passes_whole`'s tests for a direction's frames named by `table`."""
+        return table.index * 2 + from_client
+
     def passes_whole(self, data: bytes, types: bytes, ends: bytes, table: TypeTable,
                      conn: ConnectionState, from_client: bool) -> bool:
         """`first_fault` for a read of whole frames of plain types (`types` and `ends` as
@@ -355,7 +361,7 @@ class RuleEngine:
         if self._live:
             if self._killall_on:  # set when a killall fires, with no _changed(): ask here
                 return False
-            key = (from_client, table.index)
+            key = table.index * 2 + from_client  # whole_tests_key: an int hashes for free
             tests = self._whole_tests.get(key)
             if tests is None:
                 tests = self._whole_tests_for(key, table)
@@ -368,12 +374,12 @@ class RuleEngine:
             conn.server_frames_seen += len(types)
         return True
 
-    def _whole_tests_for(self, key: tuple[bool, int], table: TypeTable) -> tuple:
+    def _whole_tests_for(self, key: int, table: TypeTable) -> tuple:
         """`texts_pass`'s tests for a direction's frames named by `table`: by type byte,
         None outside the gate, the `_sole_text_test` patterns inside it (False where there
         are none); `NOTHING_GATED` when the gate holds none of the table's types, and
         `UNTESTABLE` when every frame needs `first_fault` (a fault may act on any type)."""
-        from_client = key[0]
+        from_client = bool(key & 1)
         gate = self._gates[0 if from_client else 1]
         if gate is None:
             tests: tuple = UNTESTABLE
