@@ -105,7 +105,7 @@ class WirefaultLayer(layer.Layer):
         self._native_client = native_whole_reader(self, True)
         self._native_server = native_whole_reader(self, False)
         """The usual read in native code (`relay_read`), where it was built; they refer to
-        this layer, so `_die` lets them go."""
+        this layer, so `_die` and `_finish` let them go."""
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -169,6 +169,7 @@ class WirefaultLayer(layer.Layer):
     def _finish(self) -> None:
         self._handle_event = self.done  # type: ignore[method-assign]
         self.relaying = False
+        self._native_client = self._native_server = None  # they refer to this layer
         if not self.counted:  # _close_all may come more than once
             self.counted = True
             self.runtime.pause.leave(self)
