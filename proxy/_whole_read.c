@@ -1,7 +1,7 @@
 /*
  * The fast path's usual read in native code: a read of whole PostgreSQL messages that no
  * fault can act on, on a free lane the agent does not watch, framed, counted and recorded
- * in one call, as WirefaultLayer.relay_read's Python whole-read path does it (which stays
+ * in one call, as proxy/whole_read.py's python_whole_read does it (which stays
  * for installs without a compiler, and is the reference tests hold this one to).
  *
  * WholeReader(layer, lane, agent, framer, engine, recorder, slot, conn, from_client,

@@ -45,7 +45,7 @@ from .recorder import RecorderSlot
 from .relay_io import EXECUTED, RelayIO, ResetConnections, SendCancelRequest, SetReading
 from .rules import CONN_FAULT_NAME, Judgement
 from .runtime import ProxyRuntime
-from .whole_read import native_whole_reader
+from .whole_read import native_whole_reader, python_whole_read
 
 logger = logging.getLogger("wirefault")
 
@@ -285,28 +285,9 @@ class WirefaultLayer(layer.Layer):
                 return out
         if self.dead or not self.relaying:
             return b""
-        if from_client:
-            feed_whole, lane = self._feed_whole_client, self.up
-        else:
-            feed_whole, lane = self._feed_whole_server, self.down
-        # The usual read: whole frames that no fault can act on, on a free lane the agent
-        # does not watch. Framed, counted and recorded without a batch; anything else (or a
-        # framer without `feed_whole`) goes the general way, which frames it afresh.
-        whole = feed_whole(data) if feed_whole is not None else None
-        if whole is not None and not (lane.slow or lane.queue):
-            agent = self.agent
-            if agent is None or not (agent.watch_client if from_client
-                                     else agent.watch_server):
-                types, ends, table = whole
-                if self.runtime.engine.passes_whole(data, types, ends, table, self.rule_state,
-                                                    from_client):
-                    if from_client:
-                        self.bytes_from_client += len(data)
-                    else:
-                        self.bytes_from_server += len(data)
-                    self.runtime.recorder.record_whole(self.slot, from_client, data, types,
-                                                       ends, table)
-                    return data
+        out = python_whole_read(self, from_client, data)
+        if out is not None:
+            return out
         return self._frame_and_judge(from_client, data)
 
     def _frame_and_judge(self, from_client: bool, data: bytes) -> bytes | list[commands.Command]:

@@ -1,10 +1,17 @@
-"""The usual read of a PostgreSQL connection in native code, where it was built.
+"""The usual read: whole frames that no fault can act on, on a free lane the agent does
+not watch, framed, counted and recorded without a batch (`WirefaultLayer.relay_read` tries
+it before the general path, which frames a read afresh).
+
+`python_whole_read(layer, from_client, data)` is the usual read in Python: the read when it
+took it, else None with nothing changed. It also works out what the native reader only
+looks up (the engine's tests for whole reads, the connection's recorder number), so the
+native reader falls back to it, not straight to the general path.
 
 `native_whole_reader(layer, from_client)` gives a function that takes a read and returns
 it when it framed, counted and recorded it exactly as `WirefaultLayer.relay_read`'s Python
 whole-read path would (whole frames of plain types, no fault able to act on any, a free
 lane the agent does not watch, a small frame or a run of them for the recorder), or None,
-having changed nothing, for the Python path to take it. None instead of a function when
+having changed nothing, for `python_whole_read` to take it. None instead of a function when
 the module was not built (no C compiler) or the framer is not PostgreSQL's.
 
 The C side (`_whole_read.c`) reads the same attributes the Python path does, of the
@@ -47,3 +54,27 @@ def native_whole_reader(layer: WirefaultLayer, from_client: bool
                          table.codes(SKIPPED_TYPES), KEEP_FRAME_BYTES, RUN_BYTES,
                          UNTESTABLE, NOTHING_GATED)
     return reader.read
+
+
+def python_whole_read(layer: WirefaultLayer, from_client: bool, data: bytes) -> bytes | None:
+    if from_client:
+        feed_whole, lane = layer._feed_whole_client, layer.up
+    else:
+        feed_whole, lane = layer._feed_whole_server, layer.down
+    whole = feed_whole(data) if feed_whole is not None else None  # None: not PostgreSQL's
+    if whole is None or lane.slow or lane.queue:
+        return None
+    agent = layer.agent
+    if agent is not None and (agent.watch_client if from_client else agent.watch_server):
+        return None
+    types, ends, table = whole
+    runtime = layer.runtime
+    if not runtime.engine.passes_whole(data, types, ends, table, layer.rule_state,
+                                       from_client):
+        return None
+    if from_client:
+        layer.bytes_from_client += len(data)
+    else:
+        layer.bytes_from_server += len(data)
+    runtime.recorder.record_whole(layer.slot, from_client, data, types, ends, table)
+    return data
