@@ -266,7 +266,7 @@ class Recorder:
         if size > count * KEEP_FRAME_BYTES:
             return False
         skipped = table.codes(SKIPPED_TYPES)  # cached by the table
-        if skipped and (skipped in types if len(skipped) == 1 else any_of(types, skipped)):
+        if skipped and any_of(types, skipped):
             return False
         if len(data) > 2 * size:  # don't pin the rest of a large read
             blob, base = data[start:stop], start

@@ -345,7 +345,8 @@ class RuleEngine:
 
     @staticmethod
     def whole_tests_key(table: TypeTable, from_client: bool) -> int:
-        """The key of `passes_whole`'s tests for a direction's frames named by `table`."""
+        """The key of `passes_whole`'s tests for a direction's frames named by `table` (an
+        int: it hashes for free, where a tuple would be hashed on every read)."""
         return table.index * 2 + from_client
 
     def passes_whole(self, data: bytes, types: bytes, ends: bytes, table: TypeTable,
@@ -361,7 +362,7 @@ class RuleEngine:
         if self._live:
             if self._killall_on:  # set when a killall fires, with no _changed(): ask here
                 return False
-            key = table.index * 2 + from_client  # whole_tests_key: an int hashes for free
+            key = self.whole_tests_key(table, from_client)
             tests = self._whole_tests.get(key)
             if tests is None:
                 tests = self._whole_tests_for(key, table)
