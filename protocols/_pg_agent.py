@@ -26,6 +26,7 @@ to a Sync after a real error) is never answered; its token is dropped once a lat
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Mapping
 from typing import Any
@@ -52,6 +53,12 @@ _FLUSH = CATALOGUE["Flush"].encode()
 _EXTENDED = frozenset({"Parse", "Bind", "Describe", "Execute", "Close"})
 _COPY_IN = frozenset({"CopyData", "CopyDone", "CopyFail"})
 _TRACKED = frozenset({"Parse", "Bind", "Close", "Query"})
+SKIM_TESTS: Mapping[str, tuple[re.Pattern[str], ...] | None] = {
+    "Parse": None, "Bind": None, "Close": None, "StartupMessage": None,
+    # What StatementTracker.simple_query looks for (its pre-check, word by word).
+    "Query": (re.compile("discard", re.IGNORECASE), re.compile("deallocate", re.IGNORECASE)),
+}
+"""`skim_tests`: what a skimming agent must still see (see `PgAgent._skim`)."""
 _GIVE_UP = frozenset({OPAQUE, PROTOCOL_ERROR})
 
 
@@ -95,15 +102,21 @@ class PgAgent:
         "_salt",
         "_server_gave_up",
         "_tracker",
+        "skim_client",
+        "skim_server",
         "started",
         "transaction_status",
         "watch_client",
         "watch_server",
     )
 
+    skim_tests = SKIM_TESTS
+
     def __init__(self) -> None:
         self.watch_client = True
         self.watch_server = True
+        self.skim_client = False
+        self.skim_server = False  # the server's frames are watched for errors to rewrite
         self.started = False
         self.transaction_status: str | None = None
         """The status byte of the last ReadyForQuery seen (I, T or E; None: none yet).
@@ -137,12 +150,25 @@ class PgAgent:
             self._tracker = None
             self._pending_close = None
             self.watch_client = not self.started and not self._client_gave_up
+        self._skim()
+
+    def _skim(self) -> None:
+        """Whether the client's frames may go by unobserved (`skim_client`): while tracking,
+        after the startup, with no Close waiting to be applied and no unnamed statement or
+        portal (which the next Query would drop), `observe` changes nothing for a frame
+        `SKIM_TESTS` lets by: only Parse, Bind and Close define or remove statements, and a
+        Query removes more only by DISCARD or DEALLOCATE."""
+        tracker = self._tracker
+        self.skim_client = (tracker is not None and self.started
+                            and not self._client_gave_up and self._pending_close is None
+                            and not tracker.has_unnamed())
 
     # --- frames -----------------------------------------------------------------------------
 
     def observe(self, frame: Frame) -> bytes | None:
         if frame.from_client:
             self._observe_client(frame)
+            self._skim()
             return None
         return self._observe_server(frame)
 
@@ -231,6 +257,7 @@ class PgAgent:
             self.watch_client = False
             self._tracker = None
             self._pending_close = None
+            self.skim_client = False
         if not client or both:
             self._server_gave_up = True
             self.watch_server = False
@@ -286,6 +313,7 @@ class PgAgent:
         self._next_token += 1
         if frame.type == "Close":
             self._pending_close = None  # the server keeps what this Close would have closed
+            self._skim()
         outstanding = self._outstanding
         outstanding[token] = reply
         if len(outstanding) > MAX_OUTSTANDING:

@@ -110,9 +110,13 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  * texts_pass(data, types, ends, tests) -> bool
  *   data, types, ends: a read of whole messages as scan() gave them from position 0
  *   tests: a tuple of 256 entries, by type byte: None (nothing to test: the frame passes),
- *          False (the frame does not pass), or a tuple of patterns (objects with search())
+ *          False (the frame does not pass), or a tuple of patterns: objects with search(),
+ *          or literal tests (bytes: a flags byte, LITERAL_ANCHORED and LITERAL_FOLDED in
+ *          _pg_wire.h, then the literal, lower case when folded; user_regex.literal_form)
  * True when every frame passes: those with patterns only when their sole text field (the
- * whole body: text and one NUL at its end) is ASCII and no pattern's search(text) finds it.
+ * whole body: text and one NUL at its end) is ASCII and no pattern finds it in the text
+ * (search(text) is not None; a literal test: the literal is at its start, or anywhere when
+ * not anchored, ASCII letters compared in either case when folded).
  * Anything else is False: a NUL inside, non-ASCII text, too short a body. The same function
  * in Python (texts_pass_python) is the reference; tests hold this one to it.
  */

@@ -45,11 +45,30 @@ def scan_python(data: bytes, pos: int, plain: bytes, max_length: int
 
 
 
+LITERAL_ANCHORED = 1
+LITERAL_FOLDED = 2
+"""The flags of a literal test (`texts_pass`; made by `user_regex.literal_form`)."""
+
+
+def literal_found(test: bytes, text: bytes) -> bool:
+    """Whether a literal test (a flags byte, then the literal: lower case when folded) finds
+    its literal in ASCII `text`: at its start when anchored, else anywhere; ASCII letters
+    in either case when folded."""
+    if not test:
+        return True  # not a test: the read goes the general way
+    flags, literal = test[0], test[1:]
+    if flags & LITERAL_FOLDED:
+        text = text.lower()  # bytes.lower() folds ASCII letters only
+    if flags & LITERAL_ANCHORED:
+        return text.startswith(literal)
+    return literal in text
+
+
 def texts_pass_python(data: bytes, types: bytes, ends: bytes, tests: tuple) -> bool:
     """`texts_pass` (see `_pg_scan.c`): whether every frame of a read of whole messages
     passes its test by type byte: None passes, False does not, a tuple of patterns passes
     when the frame's sole text (the body: text, then one NUL at its end) is ASCII and no
-    pattern's search() finds it."""
+    pattern finds it (search() is not None, or `literal_found` for a literal test: bytes)."""
     start = 0
     for type_byte, end in zip(types, memoryview(ends).cast("q").tolist(), strict=True):
         test = tests[type_byte]
@@ -61,7 +80,10 @@ def texts_pass_python(data: bytes, types: bytes, ends: bytes, tests: tuple) -> b
                 return False
             text = raw.decode("ascii")
             for pattern in test:
-                if pattern.search(text) is not None:
+                if type(pattern) is bytes:
+                    if literal_found(pattern, raw):
+                        return False
+                elif pattern.search(text) is not None:
                     return False
         start = end
     return True

@@ -138,6 +138,10 @@ class StatementTracker:
             else:  # unquoted names fold to lower case (ASCII letters only, as the server does)
                 self._statements.pop(found.group("plain").translate(_ASCII_LOWER))
 
+    def has_unnamed(self) -> bool:
+        """Whether the unnamed statement or the unnamed portal is defined."""
+        return self._statements.get("") is not None or self._portals.get("") is not None
+
     def statement_query(self, statement: str) -> str | None:
         """The query text `statement` runs; None when unknown."""
         return self._statements.get(statement)

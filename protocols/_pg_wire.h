@@ -41,6 +41,46 @@ static Py_ssize_t walk(const unsigned char *buf, Py_ssize_t size, Py_ssize_t pos
     return count;
 }
 
+/* A literal test (see texts_pass in _pg_scan.c): bytes whose first byte holds the flags
+ * (LITERAL_ANCHORED: only at the text's start; LITERAL_FOLDED: ASCII letters in any case,
+ * the literal given in lower case) and the rest the literal. 1 when `text` (ASCII) holds it. */
+#define LITERAL_ANCHORED 1
+#define LITERAL_FOLDED 2
+
+static inline unsigned char ascii_lower(unsigned char c) {
+    return (c >= 'A' && c <= 'Z') ? (unsigned char)(c + 32) : c;
+}
+
+static inline int literal_found(const unsigned char *item, Py_ssize_t item_size,
+                         const unsigned char *text, Py_ssize_t text_size) {
+    if (item_size < 1) {
+        return 1; /* not a test: treated as finding, so the read goes the general way */
+    }
+    int flags = item[0];
+    const unsigned char *literal = item + 1;
+    Py_ssize_t length = item_size - 1;
+    if (length > text_size) {
+        return 0;
+    }
+    Py_ssize_t last = (flags & LITERAL_ANCHORED) ? 0 : text_size - length;
+    if (!(flags & LITERAL_FOLDED)) {
+        if (flags & LITERAL_ANCHORED) {
+            return memcmp(text, literal, (size_t)length) == 0;
+        }
+        return length == 0 || memmem(text, (size_t)text_size, literal, (size_t)length) != NULL;
+    }
+    for (Py_ssize_t at = 0; at <= last; at++) {
+        Py_ssize_t k = 0;
+        while (k < length && ascii_lower(text[at + k]) == literal[k]) {
+            k++;
+        }
+        if (k == length) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
 /* texts_pass's walk (see _pg_scan.c): 1 when every frame passes its test, 0 when one does
  * not, -1 with an exception set. `ends` holds `count` native int64s. */
 static int texts_pass_walk(const unsigned char *buf, Py_ssize_t size,
@@ -74,29 +114,56 @@ static int texts_pass_walk(const unsigned char *buf, Py_ssize_t size,
             }
         }
         Py_ssize_t patterns = PyTuple_GET_SIZE(test);
-        if (patterns) {
-            PyObject *text = PyUnicode_FromStringAndSize((const char *)buf + text_start,
-                                                         text_end - text_start);
-            if (text == NULL) {
-                return -1;
-            }
-            for (Py_ssize_t p = 0; p < patterns; p++) {
-                PyObject *found = PyObject_CallMethodOneArg(PyTuple_GET_ITEM(test, p),
-                                                            search_name, text);
+        PyObject *text = NULL; /* made for the first pattern that is not a literal */
+        for (Py_ssize_t p = 0; p < patterns; p++) {
+            PyObject *item = PyTuple_GET_ITEM(test, p);
+            int hit;
+            if (PyBytes_CheckExact(item)) {
+                hit = literal_found((const unsigned char *)PyBytes_AS_STRING(item),
+                                    PyBytes_GET_SIZE(item), buf + text_start,
+                                    text_end - text_start);
+            } else {
+                if (text == NULL) {
+                    text = PyUnicode_FromStringAndSize((const char *)buf + text_start,
+                                                       text_end - text_start);
+                    if (text == NULL) {
+                        return -1;
+                    }
+                }
+                PyObject *found = PyObject_CallMethodOneArg(item, search_name, text);
                 if (found == NULL) {
                     Py_DECREF(text);
                     return -1;
                 }
-                int hit = found != Py_None;
+                hit = found != Py_None;
                 Py_DECREF(found);
-                if (hit) {
-                    Py_DECREF(text);
-                    return 0;
-                }
             }
-            Py_DECREF(text);
+            if (hit) {
+                Py_XDECREF(text);
+                return 0;
+            }
         }
+        Py_XDECREF(text);
         start = end;
+    }
+    return 1;
+}
+
+/* 1 when none of `needles` (a tuple of bytes) occurs in buf, 0 when one does or one is not
+ * bytes. */
+static inline int needles_absent(const unsigned char *buf, Py_ssize_t size, PyObject *needles) {
+    Py_ssize_t n = PyTuple_GET_SIZE(needles);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *needle = PyTuple_GET_ITEM(needles, i);
+        if (!PyBytes_CheckExact(needle)) {
+            return 0;
+        }
+        Py_ssize_t length = PyBytes_GET_SIZE(needle);
+        if (length == 0  /* in every frame */
+            || (length <= size
+                && memmem(buf, (size_t)size, PyBytes_AS_STRING(needle), (size_t)length))) {
+            return 0;
+        }
     }
     return 1;
 }

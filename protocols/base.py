@@ -418,6 +418,14 @@ class ConnectionAgent(Protocol):
 
     watch_client: bool
     watch_server: bool
+    skim_client: bool
+    skim_server: bool
+    """While its direction is watched: True when `observe` would change nothing for a frame
+    that `skim_tests` lets by, so a read of such frames may go by unobserved."""
+    skim_tests: Mapping[str, tuple[re.Pattern[str], ...] | None]
+    """For skimming, by message type: None, a frame of it must be observed; patterns, it
+    must be observed when one finds its sole text field (`MessageSpec.sole_text`). A type
+    not named is let by."""
     track_statements: bool
     """Set by the proxy when a fault filters on a derived field: keep watching the client's
     frames that define what those fields say (PostgreSQL's Parse, Bind, Close, Query)."""

@@ -16,11 +16,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import ClassVar, overload
 
-from ._pg_scan import texts_pass
+from ._pg_scan import LITERAL_ANCHORED, LITERAL_FOLDED, texts_pass
 from .base import Frame, MessageSpec
 
-__all__ = ["FrameBatch", "FrameRun", "Segment", "TypeTable", "any_of", "frames_of",
-           "texts_pass"]
+__all__ = ["LITERAL_ANCHORED", "LITERAL_FOLDED", "FrameBatch", "FrameRun", "Segment",
+           "TypeTable", "any_of", "frames_of", "texts_pass"]
 
 
 class TypeTable:

@@ -20,6 +20,7 @@ convenient entry points for code that speaks the protocol (e.g. test peers).
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -669,11 +670,16 @@ class WallarooAgent:
     injected `error()` answers the client with an Error frame, which ends a Wallaroo
     session, and closes the connection, whichever side sent the triggering frame."""
 
-    __slots__ = ("started", "track_statements", "watch_client", "watch_server")
+    __slots__ = ("skim_client", "skim_server", "started", "track_statements", "watch_client",
+                 "watch_server")
+
+    skim_tests: Mapping[str, tuple[re.Pattern[str], ...] | None] = {}
 
     def __init__(self) -> None:
         self.watch_client = False
         self.watch_server = False
+        self.skim_client = False
+        self.skim_server = False
         self.track_statements = False
         self.started = True
 

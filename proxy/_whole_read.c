@@ -12,8 +12,9 @@
  * It reads and writes these attributes of the Python objects it was given, each the same
  * one the Python path uses (proxy/whole_read.py lists where each comes from):
  *   layer: dead, relaying, bytes_from_client / bytes_from_server
- *   lane: slow, queue;  agent (may be None): watch_client / watch_server
- *   framer: _mode, _pending;  engine: _live, _killall_on, _whole_tests
+ *   lane: slow, queue;  agent (may be None): watch_client / watch_server, skim_client /
+ *   skim_server;  framer: _mode, _pending;
+ *   engine: _live, _killall_on, _per_connection, _whole_tests (rules.WholeTests)
  *   recorder: _epoch, _rows, _count, _rows_frames, _rows_extra, _chunk_frames, _close_chunk()
  *   slot: epoch, number;  conn: client_frames_seen / server_frames_seen
  *   table: specs (each spec's name), plain, index
@@ -31,14 +32,15 @@ static PyObject *s_dead, *s_relaying, *s_bytes_from_client, *s_bytes_from_server
     *s_queue, *s_watch_client, *s_watch_server, *s_mode, *s_pending, *s_live, *s_killall_on,
     *s_whole_tests, *s_epoch_private, *s_rows, *s_count, *s_rows_frames, *s_rows_extra,
     *s_chunk_frames, *s_close_chunk, *s_epoch, *s_number, *s_client_frames_seen,
-    *s_server_frames_seen, *s_name, *s_search;
+    *s_server_frames_seen, *s_name, *s_search, *s_skim_client, *s_skim_server,
+    *s_per_connection;
 
 typedef struct {
     PyObject_HEAD
     PyObject *layer, *lane, *agent, *framer, *engine, *recorder, *slot, *conn;
     PyObject *specs;      /* the table's 256 specs */
     PyObject *plain;      /* bytes(256) */
-    PyObject *key;        /* engine.whole_tests_key(table, from_client) */
+    PyObject *keys[4];    /* engine.whole_tests_key(...): [per connection * 2 + skim] */
     PyObject *table_index;
     PyObject *untestable, *nothing_gated;
     int from_client;
@@ -91,8 +93,8 @@ static int add_to(PyObject *obj, PyObject *name, Py_ssize_t delta) {
 }
 
 /* 1: the read may take this path, as far as the connection's state goes; 0: it may not;
- * -1: error. */
-static int state_allows(WholeReader *self) {
+ * -1: error. *skim: the agent watches this side but skims (its tests join the faults'). */
+static int state_allows(WholeReader *self, int *skim) {
     int truth = truth_of(self->layer, s_dead);
     if (truth != 0) {
         return truth < 0 ? -1 : 0;
@@ -111,8 +113,15 @@ static int state_allows(WholeReader *self) {
     }
     if (self->agent != Py_None) {
         truth = truth_of(self->agent, self->from_client ? s_watch_client : s_watch_server);
-        if (truth != 0) {
-            return truth < 0 ? -1 : 0;
+        if (truth < 0) {
+            return -1;
+        }
+        if (truth) {
+            truth = truth_of(self->agent, self->from_client ? s_skim_client : s_skim_server);
+            if (truth != 1) {
+                return truth;
+            }
+            *skim = 1;
         }
     }
     PyObject *mode = PyObject_GetAttr(self->framer, s_mode);
@@ -135,36 +144,54 @@ static int state_allows(WholeReader *self) {
 }
 
 /* passes_whole's test, without counting: 1 no fault can act on these frames, 0 one may. */
-static int faults_allow(WholeReader *self, PyObject *data, PyObject *types, PyObject *ends) {
+static int faults_allow(WholeReader *self, PyObject *data, PyObject *types, PyObject *ends,
+                        int skim) {
     int live = truth_of(self->engine, s_live);
-    if (live != 1) {
-        return live < 0 ? -1 : 1;
+    if (live < 0) {
+        return -1;
+    }
+    if (!live && !skim) {
+        return 1;
     }
     int killall = truth_of(self->engine, s_killall_on);
     if (killall != 0) {
         return killall < 0 ? -1 : 0;
     }
+    int per_connection = truth_of(self->engine, s_per_connection);
+    if (per_connection < 0) {
+        return -1;
+    }
     PyObject *all_tests = PyObject_GetAttr(self->engine, s_whole_tests);
     if (all_tests == NULL) {
         return -1;
     }
-    PyObject *tests = PyDict_GetItemWithError(all_tests, self->key); /* borrowed */
+    PyObject *tests = PyDict_GetItemWithError(all_tests,
+                                              self->keys[per_connection * 2 + skim]);
     Py_XINCREF(tests);
     Py_DECREF(all_tests);
     if (tests == NULL) {
         return PyErr_Occurred() ? -1 : 0; /* not worked out yet: the Python path does */
     }
+    /* (by_code, needles): see rules.WholeTests */
     int allowed;
-    if (tests == self->nothing_gated) {
+    PyObject *by_code = NULL, *needles = NULL;
+    if (PyTuple_CheckExact(tests) && PyTuple_GET_SIZE(tests) == 2) {
+        by_code = PyTuple_GET_ITEM(tests, 0);
+        needles = PyTuple_GET_ITEM(tests, 1);
+    }
+    const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(data);
+    if (by_code == NULL || !PyTuple_CheckExact(needles)
+        || !needles_absent(buf, PyBytes_GET_SIZE(data), needles)) {
+        allowed = 0;
+    } else if (by_code == self->nothing_gated) {
         allowed = 1;
-    } else if (tests == self->untestable || !PyTuple_CheckExact(tests)
-               || PyTuple_GET_SIZE(tests) != 256) {
+    } else if (by_code == self->untestable || !PyTuple_CheckExact(by_code)
+               || PyTuple_GET_SIZE(by_code) != 256) {
         allowed = 0;
     } else {
-        allowed = texts_pass_walk((const unsigned char *)PyBytes_AS_STRING(data),
-                                  PyBytes_GET_SIZE(data),
+        allowed = texts_pass_walk(buf, PyBytes_GET_SIZE(data),
                                   (const unsigned char *)PyBytes_AS_STRING(types),
-                                  PyBytes_AS_STRING(ends), PyBytes_GET_SIZE(types), tests,
+                                  PyBytes_AS_STRING(ends), PyBytes_GET_SIZE(types), by_code,
                                   s_search);
     }
     Py_DECREF(tests);
@@ -255,7 +282,8 @@ static PyObject *reader_read(WholeReader *self, PyObject *data) {
     if (!PyBytes_CheckExact(data) || PyBytes_GET_SIZE(data) == 0) {
         Py_RETURN_NONE;
     }
-    int allowed = state_allows(self);
+    int skim = 0;
+    int allowed = state_allows(self, &skim);
     if (allowed != 1) {
         return allowed < 0 ? NULL : Py_NewRef(Py_None);
     }
@@ -274,7 +302,7 @@ static PyObject *reader_read(WholeReader *self, PyObject *data) {
     }
     walk(buf, size, 0, plain, self->max_length, PyBytes_AS_STRING(types),
          (int64_t *)PyBytes_AS_STRING(ends), &stop);
-    allowed = faults_allow(self, data, types, ends);
+    allowed = faults_allow(self, data, types, ends, skim);
     if (allowed != 1) {
         result = allowed < 0 ? NULL : Py_NewRef(Py_None);
         goto done;
@@ -330,7 +358,9 @@ static int reader_traverse(WholeReader *self, visitproc visit, void *arg) {
     Py_VISIT(self->conn);
     Py_VISIT(self->specs);
     Py_VISIT(self->plain);
-    Py_VISIT(self->key);
+    for (int i = 0; i < 4; i++) {
+        Py_VISIT(self->keys[i]);
+    }
     Py_VISIT(self->table_index);
     Py_VISIT(self->untestable);
     Py_VISIT(self->nothing_gated);
@@ -348,7 +378,9 @@ static int reader_clear(WholeReader *self) {
     Py_CLEAR(self->conn);
     Py_CLEAR(self->specs);
     Py_CLEAR(self->plain);
-    Py_CLEAR(self->key);
+    for (int i = 0; i < 4; i++) {
+        Py_CLEAR(self->keys[i]);
+    }
     Py_CLEAR(self->table_index);
     Py_CLEAR(self->untestable);
     Py_CLEAR(self->nothing_gated);
@@ -396,9 +428,22 @@ static int reader_init(WholeReader *self, PyObject *args, PyObject *kwargs) {
     }
     self->max_length = overflow > 0 || limit > (long long)UINT32_MAX ? UINT32_MAX
                        : (overflow < 0 || limit < 0) ? 0 : (uint32_t)limit;
-    PyObject *key = PyObject_CallMethod(engine, "whole_tests_key", "OO", table,
-                                        from_client ? Py_True : Py_False);
-    if (key == NULL) {
+    PyObject *number = PyObject_GetAttrString(conn, "number");
+    PyObject *keys[4] = {NULL, NULL, NULL, NULL};
+    for (int i = 0; number != NULL && i < 4; i++) {
+        keys[i] = PyObject_CallMethod(engine, "whole_tests_key", "OOOO", table,
+                                      from_client ? Py_True : Py_False,
+                                      (i & 1) ? Py_True : Py_False,
+                                      (i & 2) ? number : Py_None);
+        if (keys[i] == NULL) {
+            break;
+        }
+    }
+    Py_XDECREF(number);
+    if (keys[3] == NULL) {
+        for (int i = 0; i < 4; i++) {
+            Py_XDECREF(keys[i]);
+        }
         Py_DECREF(specs);
         Py_DECREF(plain);
         Py_DECREF(index);
@@ -416,7 +461,9 @@ static int reader_init(WholeReader *self, PyObject *args, PyObject *kwargs) {
     self->specs = specs;
     self->plain = plain;
     self->table_index = index;
-    self->key = key;
+    for (int i = 0; i < 4; i++) {
+        self->keys[i] = keys[i];
+    }
     self->untestable = Py_NewRef(untestable);
     self->nothing_gated = Py_NewRef(nothing_gated);
     self->from_client = from_client;
@@ -470,7 +517,8 @@ static int intern_names(void) {
         {&s_epoch, "epoch"}, {&s_number, "number"},
         {&s_client_frames_seen, "client_frames_seen"},
         {&s_server_frames_seen, "server_frames_seen"}, {&s_name, "name"},
-        {&s_search, "search"},
+        {&s_search, "search"}, {&s_skim_client, "skim_client"},
+        {&s_skim_server, "skim_server"}, {&s_per_connection, "_per_connection"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         *names[i].slot = PyUnicode_InternFromString(names[i].text);

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from wirefault.protocols import Frame, FrameBatch, FrameRun, ProtocolSpec
-from wirefault.protocols.base import BACKEND, FRONTEND, MessageSpec
+from wirefault.protocols.base import BACKEND, FRONTEND, ConnectionAgent, MessageSpec
 from wirefault.protocols.batch import TypeTable, texts_pass
 
 from . import dsl, faults
@@ -43,7 +43,7 @@ from .faults import (
 )
 from .faults.base import frame_number
 from .faults.cancel import protected_pids
-from .user_regex import UserPattern
+from .user_regex import UserPattern, literal_form
 
 logger = logging.getLogger("wirefault")
 
@@ -55,10 +55,21 @@ FIRED_LOG_SIZE = 10_000
 _FILTER, _DERIVED, _MATCH, _CONTAINS, _AFTER, _PROBABILITY = range(6)
 
 Step = tuple[int, object, object]
+
+WholeTests = tuple[tuple, tuple[bytes, ...]]
+"""`passes_whole`'s tests for a direction's frames of one type table: (by_code, needles).
+`by_code`: `texts_pass`'s tests by type byte (None: no fault may act on such a frame; a
+tuple: the text tests a frame must pass; False: it must be judged), or `NOTHING_GATED` or
+`UNTESTABLE`. `needles`: bytes none of which may occur in the read (the contains() a fault
+stops at on every frame of a read without them)."""
 NOTHING_GATED: tuple = ()
-"""`passes_whole`: no frame of the table's types has a fault to walk."""
+"""`WholeTests`: no frame of the table's types has a fault to walk."""
 UNTESTABLE: tuple = (False,)
-"""`passes_whole`: every frame must be judged by `first_fault`."""
+"""`WholeTests`: every frame must be judged by `first_fault`."""
+_STOPS, _UNDECIDED, _MUST_JUDGE = object(), object(), object()
+MAX_WHOLE_TESTS_KEYS = 4096
+"""`WholeTests` the engine keeps (one per connection and direction when a fault has a
+where() or connectionProbability())."""
 
 MAX_CANDIDATE_KEYS = 512
 """(direction, type, alias) keys `decide` remembers the candidate faults of."""
@@ -171,6 +182,34 @@ def _gate(rule: dsl.Rule) -> frozenset[str] | None:
     return None
 
 
+def _whole_test(f: InstalledFault, spec: MessageSpec, conn: ConnectionState | None
+                ) -> object:
+    """How a read shows that `f` stops, with no side effect, at a step of its chain on
+    every frame of this (plain) type: `_STOPS` (it filters another type, or its where()
+    or connectionProbability() left this connection out), bytes (a contains() the read
+    lacks), a pattern (a filter on the type's sole text field that finds nothing);
+    `_UNDECIDED` (conn: a where() still undecided) or `_MUST_JUDGE` otherwise. Steps
+    before the one found are side-effect free (filters, match(), contains())."""
+    if f.connection_level:
+        state = conn.faults.get(f.uid) if conn is not None else None
+        if state is None or state.enabled is None:
+            return _UNDECIDED if conn is not None else _MUST_JUDGE
+        if state.enabled is False:
+            return _STOPS
+    sole = spec.sole_text
+    for kind, a, b in f.steps:
+        if kind == _FILTER:
+            if a != spec.name:  # a plain frame has no alias
+                return _STOPS
+            if b and sole is not None and len(b) == 1 and b[0][0] == sole[0]:  # type: ignore[arg-type,index]
+                return b[0][1]  # type: ignore[index]
+        elif kind == _CONTAINS:
+            return a
+        elif kind != _DERIVED and kind != _MATCH:
+            break  # after() counts, probability() draws
+    return _MUST_JUDGE
+
+
 def _fields_match(frame: Frame, fields: tuple[tuple[str, UserPattern], ...]) -> bool:
     for name, pattern in fields:
         text = frame.field_text(name)
@@ -209,10 +248,13 @@ class RuleEngine:
         self._next_uid = 0
         self._gates: tuple[frozenset[str] | None, frozenset[str] | None] = (None, None)
         self._killall_on = False
+        self._per_connection = False
+        """A live fault has a where() or connectionProbability(): whole-read tests are
+        worked out per connection."""
         self._live: list[InstalledFault] = []
         self._candidates: dict[tuple[bool, str, str | None], list[InstalledFault]] = {}
         """`_candidates_for`'s answers, until what is in force changes."""
-        self._whole_tests: dict[int, tuple] = {}
+        self._whole_tests: dict[int, WholeTests] = {}
         """`_whole_tests_for`'s answers by `whole_tests_key`, until what is in force
         changes."""
         if initial:
@@ -308,6 +350,7 @@ class RuleEngine:
         self._candidates.clear()
         self._whole_tests.clear()
         self._killall_on = any(f.shared.killall_fired for f in self._live)
+        self._per_connection = any(f.connection_level for f in self._live)
         self._gates = (self._gate_for(True), self._gate_for(False))
 
     def _candidates_for(self, key: tuple[bool, str, str | None]) -> list[InstalledFault]:
@@ -344,30 +387,39 @@ class RuleEngine:
     # -- judging ---------------------------------------------------------------------------
 
     @staticmethod
-    def whole_tests_key(table: TypeTable, from_client: bool) -> int:
-        """The key of `passes_whole`'s tests for a direction's frames named by `table` (an
-        int: it hashes for free, where a tuple would be hashed on every read)."""
-        return table.index * 2 + from_client
+    def whole_tests_key(table: TypeTable, from_client: bool, skim: bool = False,
+                        connection: int | None = None) -> int:
+        """The key of `passes_whole`'s tests for a direction's frames named by `table`, with
+        a skimming agent's or not, for one connection (by number) or any (None). An int: it
+        hashes for free, where a tuple would be hashed on every read."""
+        per = 0 if connection is None else connection + 1
+        return (per << 20) | (table.index << 2) | (from_client << 1) | skim
 
     def passes_whole(self, data: bytes, types: bytes, ends: bytes, table: TypeTable,
-                     conn: ConnectionState, from_client: bool) -> bool:
+                     conn: ConnectionState, from_client: bool,
+                     skimming: ConnectionAgent | None = None) -> bool:
         """`first_fault` for a read of whole frames of plain types (`types` and `ends` as
         `scan` gives them, named by `table`; plain types have no alias) when no fault can
         act on any of them: True, with the frames counted. False, with nothing counted,
-        when one may: the caller then judges the read with `first_fault`.
+        when one may: the caller then judges the read with `first_fault`. `skimming`: the
+        agent watches this side but skims (`ConnectionAgent.skim_tests` join the faults').
 
-        Exact without deciding each frame: a frame whose type is outside the direction's
-        gate has no candidate fault, so `decide` would walk nothing and change nothing;
-        one inside it passes when its `_sole_text_test` finds nothing in its text."""
-        if self._live:
+        Exact without deciding each frame: each fault that may act on a frame of its type
+        stops, with no side effect, at a step the read's `WholeTests` show it fails."""
+        if self._live or skimming is not None:
             if self._killall_on:  # set when a killall fires, with no _changed(): ask here
                 return False
-            key = self.whole_tests_key(table, from_client)
+            key = self.whole_tests_key(table, from_client, skimming is not None,
+                                       conn.number if self._per_connection else None)
             tests = self._whole_tests.get(key)
             if tests is None:
-                tests = self._whole_tests_for(key, table)
-            if tests is not NOTHING_GATED and (
-                    tests is UNTESTABLE or not texts_pass(data, types, ends, tests)):
+                tests = self._whole_tests_for(key, table, from_client, conn, skimming)
+            by_code, needles = tests
+            for needle in needles:
+                if needle in data:
+                    return False
+            if by_code is not NOTHING_GATED and (
+                    by_code is UNTESTABLE or not texts_pass(data, types, ends, by_code)):
                 return False
         if from_client:
             conn.client_frames_seen += len(types)
@@ -375,52 +427,59 @@ class RuleEngine:
             conn.server_frames_seen += len(types)
         return True
 
-    def _whole_tests_for(self, key: int, table: TypeTable) -> tuple:
-        """`texts_pass`'s tests for a direction's frames named by `table`: by type byte,
-        None outside the gate, the `_sole_text_test` patterns inside it (False where there
-        are none); `NOTHING_GATED` when the gate holds none of the table's types, and
-        `UNTESTABLE` when every frame needs `first_fault` (a fault may act on any type)."""
-        from_client = bool(key & 1)
-        gate = self._gates[0 if from_client else 1]
-        if gate is None:
-            tests: tuple = UNTESTABLE
+    def _whole_tests_for(self, key: int, table: TypeTable, from_client: bool,
+                         conn: ConnectionState, skimming: ConnectionAgent | None
+                         ) -> WholeTests:
+        """`passes_whole`'s tests (see `WholeTests`), kept by key unless a fault's where()
+        or connectionProbability() is not yet decided on this connection."""
+        needles: list[bytes] = []
+        by_code: list[object] = [None] * 256
+        keep = True
+        types = tested = judged = 0
+        for code, spec in enumerate(table.specs):
+            if spec is None:
+                continue
+            types += 1
+            texts: list[object] = []
+            entry: object = None
+            candidates = self._candidates.get((from_client, spec.name, None))
+            if candidates is None:
+                candidates = self._candidates_for((from_client, spec.name, None))
+            for f in candidates:
+                found = _whole_test(f, spec, conn if self._per_connection else None)
+                if found is _UNDECIDED:
+                    keep = False
+                if found is _UNDECIDED or found is _MUST_JUDGE:
+                    entry = False
+                    break
+                if type(found) is bytes:
+                    if found not in needles:
+                        needles.append(found)
+                elif found is not _STOPS:
+                    texts.append(found)
+            if entry is None and skimming is not None and spec.name in skimming.skim_tests:
+                patterns = skimming.skim_tests[spec.name]
+                if patterns is None:
+                    entry = False
+                else:
+                    texts.extend(patterns)
+            if entry is None and texts:
+                entry = tuple(literal_form(p) or p for p in texts)
+            if entry is not None:
+                by_code[code] = entry
+                tested += 1
+                judged += entry is False
+        if not tested:
+            tests: WholeTests = (NOTHING_GATED, tuple(needles))
+        elif judged == types:
+            tests = (UNTESTABLE, ())
         else:
-            codes = table.codes(gate)
-            if not codes:
-                tests = NOTHING_GATED
-            else:
-                by_code: list[object] = [None] * 256
-                for code in codes:
-                    spec: MessageSpec = table.specs[code]  # type: ignore[assignment]
-                    patterns = self._sole_text_test((from_client, spec.name), spec)
-                    by_code[code] = False if patterns is None else patterns
-                tests = tuple(by_code)
-        self._whole_tests[key] = tests
+            tests = (tuple(by_code), tuple(needles))
+        if keep:
+            if len(self._whole_tests) >= MAX_WHOLE_TESTS_KEYS:  # per connection: bounded
+                self._whole_tests.clear()
+            self._whole_tests[key] = tests
         return tests
-
-    def _sole_text_test(self, key: tuple[bool, str], spec: MessageSpec
-                        ) -> tuple[UserPattern, ...] | None:
-        """When every fault that may act on frames of this direction and type starts with
-        a filter on the type's sole text field (`MessageSpec.sole_text`) alone, and acts on
-        every connection (no where(), no connectionProbability()): their patterns. A frame
-        none of them finds in its text is forwarded by `decide` with no side effect (each
-        fault stops at its filter; a fault's per-connection state, made when first walked,
-        starts the same whenever it is made). None when any fault needs more."""
-        from_client, type_name = key
-        patterns: tuple[UserPattern, ...] | None = ()
-        sole = spec.sole_text
-        candidates = self._candidates.get((from_client, type_name, None))
-        if candidates is None:
-            candidates = self._candidates_for((from_client, type_name, None))
-        for f in candidates:
-            kind, filtered, fields = f.steps[0] if f.steps else (None, None, None)
-            if (sole is None or f.connection_level or kind != _FILTER
-                    or filtered != type_name or not fields or len(fields) != 1  # type: ignore[arg-type]
-                    or fields[0][0] != sole[0]):  # type: ignore[index]
-                patterns = None
-                break
-            patterns += (fields[0][1],)  # type: ignore[index,operator]
-        return patterns
 
     def first_fault(self, batch: FrameBatch, conn: ConnectionState, from_client: bool,
                     observe: bool = False) -> tuple[int, Judgement | bytes] | None:

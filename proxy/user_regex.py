@@ -33,8 +33,10 @@ from typing import Any, Literal
 
 from re2 import Options, _re2  # the binding's compiled core: no per-call Python layer
 
+from wirefault.protocols.batch import LITERAL_ANCHORED, LITERAL_FOLDED
+
 __all__ = ["Re2Pattern", "UserPattern", "UserRegexError", "compile_for_re2",
-           "compile_user_pattern"]
+           "compile_user_pattern", "literal_form"]
 
 # RE2 refuses larger counts; so does this module, before RE2 logs anything.
 _MAX_REPEAT = 1000
@@ -125,6 +127,33 @@ def compile_user_pattern(pattern: str | bytes) -> UserPattern:
     if _bounded(tree, flags, is_bytes):
         return python
     return Re2Pattern(pattern, python, translated)
+
+
+def literal_form(pattern: object) -> bytes | None:
+    """A text pattern as `texts_pass`'s literal test when that finds exactly what
+    `pattern.search` finds in ASCII text (texts_pass tests only ASCII): `re` patterns of
+    ASCII literal characters, anchored at the start or not, case folded by (?i) or not, and
+    no other flag (MULTILINE would move `^`). None for anything else."""
+    if type(pattern) is not re.Pattern or not isinstance(pattern.pattern, str):
+        return None
+    if pattern.flags & ~(re.UNICODE | re.IGNORECASE):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        items = list(sre_parse.parse(pattern.pattern, 0))
+    flags = 0
+    if items and items[0] in ((sre.AT, sre.AT_BEGINNING), (sre.AT, sre.AT_BEGINNING_STRING)):
+        flags |= LITERAL_ANCHORED
+        items = items[1:]
+    if any(op is not sre.LITERAL or code >= 128 for op, code in items):
+        return None
+    literal = bytes(code for _, code in items)
+    if pattern.flags & re.IGNORECASE:
+        # In ASCII text an ASCII letter matches only its two cases (the Unicode folds that
+        # reach ASCII, like the Kelvin sign's, start from characters outside it).
+        flags |= LITERAL_FOLDED
+        literal = literal.lower()
+    return bytes([flags]) + literal
 
 
 def compile_for_re2(pattern: str | bytes) -> Re2Pattern:

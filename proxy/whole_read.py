@@ -1,6 +1,6 @@
 """The usual read: whole frames that no fault can act on, on a free lane the agent does
-not watch, framed, counted and recorded without a batch (`WirefaultLayer.relay_read` tries
-it before the general path, which frames a read afresh).
+not watch (or skims), framed, counted and recorded without a batch
+(`WirefaultLayer.relay_read` tries it before the general path, which frames a read afresh).
 
 `python_whole_read(layer, from_client, data)` is the usual read in Python: the read when it
 took it, else None with nothing changed. It also works out what the native reader only
@@ -65,12 +65,15 @@ def python_whole_read(layer: WirefaultLayer, from_client: bool, data: bytes) -> 
     if whole is None or lane.slow or lane.queue:
         return None
     agent = layer.agent
+    skimming = None
     if agent is not None and (agent.watch_client if from_client else agent.watch_server):
-        return None
+        if not (agent.skim_client if from_client else agent.skim_server):
+            return None
+        skimming = agent  # watched, but its tests tell whether it has anything to see
     types, ends, table = whole
     runtime = layer.runtime
     if not runtime.engine.passes_whole(data, types, ends, table, layer.rule_state,
-                                       from_client):
+                                       from_client, skimming):
         return None
     if from_client:
         layer.bytes_from_client += len(data)

@@ -20,6 +20,7 @@ from wirefault.proxy import whole_read
 from wirefault.proxy.faults import ConnectionState
 from wirefault.proxy.recorder import Recorder, RecorderSlot
 from wirefault.proxy.rules import RuleEngine
+from wirefault.proxy.user_regex import compile_user_pattern, literal_form
 
 M = PROTOCOL.messages
 TEXTS = ["SELECT 1", "select 2", "COMMIT", "BEGIN", "", "NEVER", "a\u00e9b", "SELECT\u00ff"]
@@ -243,3 +244,107 @@ def test_native_whole_reads_do_what_the_python_path_does(rules, reads, limit):
 
 def _summary(out: list) -> list:
     return [(type(c).__name__, getattr(c, "data", None)) for c in out]
+
+
+# -- what a whole read is tested for: literals, needles, where(), a skimming agent -----------
+
+@settings(max_examples=500, deadline=None)
+@given(source=st.sampled_from(["^NEVER", "(?i)^COMMIT", "NEVER", "(?i)discard", "^", "",
+                               "^a b", "(?i)^k", "^SELECT 1", "^INSERT INTO never"]),
+       text=st.text(alphabet="abkKsSNEVRCOMITeledcatvrsx 12\n", max_size=14))
+def test_a_literal_test_finds_what_its_pattern_finds(source, text):
+    pattern = compile_user_pattern(source)
+    literal = literal_form(pattern)
+    assert literal is not None
+    assert _pg_scan.literal_found(literal, text.encode()) is (pattern.search(text) is not None)
+
+
+def test_only_literal_patterns_have_a_literal_form():
+    for source in ["^NE.ER", "(?m)^X", "(?s)x", "a|b", "\u212a", "x$", "(?i:x)"]:
+        assert literal_form(compile_user_pattern(source)) is None, source
+
+
+def _statement(query: str, statement: str = "", portal: str = "") -> bytes:
+    return (M["Parse"].encode(statement=statement, query=query)
+            + M["Bind"].encode(portal=portal, statement=statement)
+            + M["Execute"].encode(portal=portal) + M["Sync"].encode())
+
+
+EXTENDED = [
+    _statement("SELECT 2"), _statement("COMMIT", "s1", "p1"), _statement("SELECT 1", "s1"),
+    M["Execute"].encode(portal="p1") + M["Sync"].encode(),
+    M["Execute"].encode() + M["Sync"].encode(),
+    M["Bind"].encode(portal="p1", statement="s1") + M["Execute"].encode(portal="p1"),
+    M["Parse"].encode(query="SELECT 2") + M["Bind"].encode(),  # unnamed, not run yet
+    M["Close"].encode(kind="P", name="p1"), M["Close"].encode(kind="S", name="s1"),
+    M["Query"].encode(query="DEALLOCATE s1"), M["Query"].encode(query="discard ALL"),
+    M["Query"].encode(query="SELECT 1"), M["Query"].encode(query="select 2"),
+    M["Query"].encode(query="NEVER"),
+]
+"""Client reads that define, run and remove statements, and Queries that may or may not."""
+SKIM_RULES = [
+    # Derived fields (statements tracked); after() counts matches and lets the frames go.
+    'conn.onExecute(query="^SELECT 2").after(1000).kill()',
+    'conn.onExecute(query="(?i)^commit").after(1000).error("40001")',
+    'conn.onExecute(query="^SELECT 1").after(2).kill()',
+    'conn.fromClient().contains(b"NEVER").reset()',
+    'conn.where(application_name="^x$").onQuery(query="^SELECT").kill()',
+    'conn.where(application_name="^u").onQuery(query="(?i)^select 2").kill()',
+    'conn.onQuery(query="^SELECT 1").after(2).kill()',
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(rules=st.lists(st.sampled_from(SKIM_RULES), min_size=1, max_size=4),
+       reads=st.lists(st.sampled_from(EXTENDED), max_size=16))
+def test_whole_reads_with_statements_tracked_do_what_frame_by_frame_does(rules, reads):
+    """Through real layers: the usual read (native and Python) against a layer that judges
+    every read frame by frame. An Execute's query shows what the agent tracked, so a
+    skipped observation that mattered changes what fires."""
+    _same_through_three_layers(rules, reads)
+
+
+@pytest.mark.parametrize("reads", [
+    [EXTENDED[6], EXTENDED[11], EXTENDED[4]],  # the Query drops the unnamed portal
+    [EXTENDED[1], EXTENDED[9], EXTENDED[5]],  # DEALLOCATE s1, then a Bind of s1
+    [EXTENDED[1], EXTENDED[7], EXTENDED[11], EXTENDED[3]],  # a Close, then a Query
+], ids=["unnamed", "deallocate", "close"])
+def test_the_agent_sees_what_changes_its_statements(reads):
+    """The cases a skimming agent must not miss, each of which changes what an Execute's
+    query says (and so what `after()` counts)."""
+    _same_through_three_layers([SKIM_RULES[0], SKIM_RULES[1], SKIM_RULES[2]], reads)
+    matched = []
+    for whole in (True, False):
+        driver = LayerDriver("postgres", 'faults.add("q").onExecute(query="").after(99).kill()')
+        if not whole:
+            layer = driver.layer
+            layer._native_client = layer._native_server = None
+            layer._feed_whole_client = layer._feed_whole_server = None
+        driver.from_client(M["StartupMessage"].encode(user="u", database="d"))
+        driver.from_server(M["ReadyForQuery"].encode(status="I"))
+        for data in reads:
+            driver.from_client(data)
+        matched.append(driver.runtime.engine.faults[0].shared.matched)
+    assert matched[0] == matched[1]
+
+
+def _same_through_three_layers(rules: list[str], reads: list[bytes]) -> None:
+    added = [f'faults.add("f{number}"){rule.removeprefix("conn")}'
+             for number, rule in enumerate(rules)]
+    drivers = [LayerDriver("postgres", added[0]) for _ in range(3)]  # before the connection
+    startup = M["StartupMessage"].encode(user="u", database="d", application_name="u1")
+    for driver in drivers:
+        for rule in added[1:]:
+            driver.runtime.engine.set_rule_text(rule)
+        driver.from_client(startup)
+        driver.from_server(M["ReadyForQuery"].encode(status="I"))
+    python, general = drivers[1].layer, drivers[2].layer
+    python._native_client = python._native_server = None
+    general._native_client = general._native_server = None
+    general._feed_whole_client = general._feed_whole_server = None
+    for data in reads:
+        outs = [_summary(driver.from_client(data)) for driver in drivers]
+        assert outs[0] == outs[2] and outs[1] == outs[2]
+        states = [(_effective(d.layer.rule_state), [f.shared for f in d.runtime.engine.faults])
+                  for d in drivers]
+        assert states[0] == states[2] and states[1] == states[2]
